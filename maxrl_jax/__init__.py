@@ -1,0 +1,1 @@
+"""maxrl_jax: Maximum Likelihood Reinforcement Learning in JAX/Flax."""
