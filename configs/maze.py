@@ -1,0 +1,147 @@
+r"""Maze navigation: SFT on BFS shortest paths, then on-policy RL with a chosen advantage estimator.
+
+The paper's "infinite data" regime (Tajwar et al., 2026, section on mazes): every RL step draws fresh
+mazes; the policy is a small Qwen2-style decoder trained from scratch.
+
+    python -m maxrl_jax.main --config=configs/maze.py --workdir=/tmp/maze              # CPU default
+    python -m maxrl_jax.main --config=configs/maze.py:paper --workdir=gs://.../maze    # paper scale
+    python -m maxrl_jax.main --config=configs/maze.py --workdir=/tmp/maze_grpo \
+        --config.objective.name=grpo
+
+Presets (the part after the colon): `default` (2 CPU cores, a few minutes), `paper` (17 x 17 mazes, the
+3.9M-parameter policy, 32 prompts x 128 rollouts, bf16; for accelerators) and `tiny` (seconds; tests).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  preset = arg or "default"
+  cfg = ml_collections.ConfigDict()
+  cfg.task = "maze"
+  cfg.preset = preset
+  cfg.seed = 0  # One seed; named keys (init, sft, rl, eval) are split from it.
+
+  # Maze generation (randomised Prim; start (1,1), goal (S-2,S-2)).
+  cfg.maze = ml_collections.ConfigDict()
+  cfg.maze.size = 9  # Odd side S >= 5.
+  # "fresh": new mazes every step (the paper's infinite-data regime). "fixed": a fixed TFDS train split of
+  # `train_examples` mazes reused for many epochs (the data-scarce regime).
+  cfg.maze.train_data = "fresh"
+  cfg.maze.train_examples = 256  # Only with train_data="fixed".
+  cfg.maze.data_dir = ""  # TFDS data_dir for train_data="fixed"; "" means <workdir>/tfds.
+
+  # Policy: Qwen2-style decoder (see maxrl_jax/models/decoder.py: DecoderConfig for every field).
+  cfg.model = ml_collections.ConfigDict()
+  cfg.model.vocab_size = 32
+  cfg.model.num_layers = 2
+  cfg.model.hidden_size = 128
+  cfg.model.ffn_size = 512
+  cfg.model.num_heads = 4
+  cfg.model.num_kv_heads = 2
+  cfg.model.rope_theta = 1e6
+  cfg.model.rms_norm_eps = 1e-6
+  cfg.model.max_positions = 192  # >= prompt length + response cap.
+  cfg.model.tie_embeddings = True
+  cfg.model.qk_norm = False
+  cfg.model.attention_bias = True
+  cfg.model.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators.
+
+  # Supervised warm-up on BFS shortest paths (loss on response tokens only).
+  cfg.sft = ml_collections.ConfigDict()
+  cfg.sft.steps = 300
+  cfg.sft.batch_size = 32
+  cfg.sft.learning_rate = 5e-4
+  cfg.sft.b1 = 0.9
+  cfg.sft.b2 = 0.95
+  cfg.sft.weight_decay = 0.01
+  cfg.sft.grad_clip = 1.0
+  cfg.sft.warmup_steps = 20
+
+  # Rollouts: P prompts x N rollouts per RL step, sampled with the prefix-shared KV-cache sampler.
+  cfg.rollout = ml_collections.ConfigDict()
+  cfg.rollout.num_prompts = 16  # P.
+  cfg.rollout.num_samples = 16  # N, rollouts per prompt.
+  cfg.rollout.max_new_tokens = 40  # Response cap (truncated responses score 0); paper: 180.
+  cfg.rollout.temperature = 1.0
+
+  # The objective: an advantage estimator from maxrl_jax.estimators (maxrl, maclaurin, pkpo, grpo, rloo,
+  # reinforce, dr_grpo) and the loss reduction.
+  cfg.objective = ml_collections.ConfigDict()
+  cfg.objective.name = "maxrl"
+  cfg.objective.order = ml_collections.config_dict.placeholder(int)  # T, for maclaurin.
+  cfg.objective.k = ml_collections.config_dict.placeholder(int)  # k, for pkpo.
+  cfg.objective.zero_failed_groups = True  # maxrl: the paper's rule (order N-1); False keeps order N.
+  cfg.objective.reduction = "sequence_sum"  # Unbiased; "token_mean" is verl's default.
+  cfg.objective.entropy_coef = 0.0  # > 0 adds an entropy bonus (GRPO + entropy).
+
+  # RL optimiser: AdamW, constant learning rate, one update per step (fully on-policy).
+  cfg.rl = ml_collections.ConfigDict()
+  cfg.rl.steps = 200
+  cfg.rl.learning_rate = 1e-4
+  cfg.rl.b1 = 0.9
+  cfg.rl.b2 = 0.95
+  cfg.rl.weight_decay = 0.0
+  cfg.rl.grad_clip = 1.0
+
+  # Held-out evaluation: pass@k from `num_samples` samples per test maze (unbiased estimator).
+  cfg.eval = ml_collections.ConfigDict()
+  cfg.eval.num_mazes = 64
+  cfg.eval.num_samples = 32
+  cfg.eval.ks = (1, 4, 16, 32)
+  cfg.eval.temperature = 1.0
+  cfg.eval.prompt_chunk = 16  # Test mazes sampled per compiled call.
+  cfg.eval.every_steps = 100  # RL steps between evaluations (and one after SFT, one at the end).
+
+  cfg.log_every_steps = 10
+  cfg.checkpoint_every_steps = 100
+  cfg.keep_checkpoints = 2
+  cfg.progress_bar = True
+
+  if preset == "default":
+    pass
+  elif preset == "tiny":  # Seconds on a CPU; used by the tests.
+    cfg.maze.size = 5
+    cfg.model.num_layers = 1
+    cfg.model.hidden_size = 32
+    cfg.model.ffn_size = 64
+    cfg.model.max_positions = 64
+    cfg.sft.steps = 6
+    cfg.sft.batch_size = 8
+    cfg.sft.warmup_steps = 2
+    cfg.rollout.num_prompts = 4
+    cfg.rollout.num_samples = 4
+    cfg.rollout.max_new_tokens = 12
+    cfg.rl.steps = 6
+    cfg.eval.num_mazes = 8
+    cfg.eval.num_samples = 8
+    cfg.eval.ks = (1, 4, 8)
+    cfg.eval.prompt_chunk = 8
+    cfg.eval.every_steps = 3
+    cfg.log_every_steps = 2
+    cfg.checkpoint_every_steps = 2
+    cfg.progress_bar = False
+  elif preset == "paper":  # The paper's maze table: 17 x 17, 3.9M policy, 32 x 128 rollouts, bf16.
+    cfg.maze.size = 17
+    cfg.model.num_layers = 4
+    cfg.model.hidden_size = 256
+    cfg.model.ffn_size = 1024
+    cfg.model.max_positions = 512
+    cfg.model.dtype = "bfloat16"
+    cfg.sft.steps = 1500
+    cfg.sft.batch_size = 32
+    cfg.sft.warmup_steps = 100
+    cfg.rollout.num_prompts = 32
+    cfg.rollout.num_samples = 128
+    cfg.rollout.max_new_tokens = 180
+    cfg.rl.steps = 20_000
+    cfg.eval.num_mazes = 256
+    cfg.eval.num_samples = 2048
+    cfg.eval.ks = (1, 32, 128, 256)
+    cfg.eval.prompt_chunk = 4
+    cfg.eval.every_steps = 1000
+    cfg.log_every_steps = 50
+    cfg.checkpoint_every_steps = 1000
+  else:
+    raise ValueError(f"Unknown maze preset {preset!r}; allowed: default, tiny, paper.")
+  return cfg

@@ -1,0 +1,430 @@
+"""Rollout sampling with a prefix-shared KV cache, a recompute baseline, and teacher-forced log-probs.
+
+The RL trainer samples N rollouts for each of P prompts. `sample_rollouts` runs the prompt pass ONCE per
+prompt (prefix cache [P, L, K, D] per layer) and then decodes the P x N continuations in a `lax.while_loop`.
+Each decode step's queries attend to the shared prefix of their prompt (broadcast over N, never copied) and
+to their own preallocated suffix cache [P, N, M, K, D], with a single softmax over both.
+
+Conventions (both samplers):
+
+- All prompts of a call have the same length L (no padding inside prompts; maze prompts are fixed-length).
+  Generated token i of a rollout sits at absolute position L + i.
+- `max_new_tokens` (M) and `num_rollouts` (N) are static: one compilation per (P, L, N, M, sampling
+  options); new params, prompts, keys and temperatures reuse it.
+- Step i draws with key `jax.random.fold_in(rng, i)`, so for the same key the cached and the recompute
+  samplers return the same tokens (up to float round-off in near-ties).
+- Sampling distribution at step i: logits / temperature, then top-k (keep logits >= the k-th largest),
+  then top-p (keep the smallest set of largest logits whose probability reaches top_p, at least one),
+  renormalised. temperature == 0 means greedy (argmax of the raw logits; top-k/top-p ignored).
+- `Rollouts.logprobs` is the log-probability of the sampled token under that sampling distribution.
+  At temperature 1 without top-k/top-p it equals the model's log-prob (what `sequence_logprobs` returns);
+  with temperature T != 1 it equals `sequence_logprobs(..., temperature=T)`; with top-k/top-p it is the
+  truncated, renormalised log-prob. For greedy rollouts (point mass) it is 0.
+- After a stop token is emitted (the stop token itself is kept and masked in), the rollout is done: later
+  positions hold `pad_id` with mask False and logprob 0. The loop exits as soon as every rollout is done.
+
+Model interface (`ModelFns`, any hashable object with these methods, e.g. `DecoderFns(config)`):
+
+    prefill(params, prompts [P, L]) -> (next-token logits [P, V] float32, prefix_cache)
+    init_suffix_cache(prefix_cache, num_rollouts N, max_len M) -> suffix_cache
+    decode(params, tokens [P, N, R], prefix_cache, suffix_cache, step) -> (logits [P, N, R, V], suffix_cache)
+        tokens sit at suffix slots step..step+R-1 (positions L+step..); logits predict the next token.
+    forward(params, tokens [B, T]) -> logits [B, T, V] float32       (full causal forward)
+
+A fake model implementing these four methods can drive every function here (see tests/test_sampling.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import flax
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+PyTree = Any
+
+
+class ModelFns(Protocol):
+    """The model as pure functions over params. Must be hashable: it is a static jit argument."""
+
+    def prefill(self, params: PyTree, prompts: Array) -> tuple[Array, PyTree]: ...
+
+    def init_suffix_cache(self, prefix_cache: PyTree, num_rollouts: int, max_len: int) -> PyTree: ...
+
+    def decode(
+        self, params: PyTree, tokens: Array, prefix_cache: PyTree, suffix_cache: PyTree, step: Array
+    ) -> tuple[Array, PyTree]: ...
+
+    def forward(self, params: PyTree, tokens: Array) -> Array: ...
+
+
+@flax.struct.dataclass
+class Rollouts:
+    """Sampled continuations of P prompts, N each, M = max_new_tokens slots.
+
+    Attributes:
+      tokens: [P, N, M] int32, generated tokens; `pad_id` after the stop token and in unused slots.
+      logprobs: [P, N, M] float32, log-prob of each token under the sampling distribution; 0 where masked.
+      mask: [P, N, M] bool, True for generated tokens up to and including the stop token.
+      lengths: [P, N] int32, number of True entries of mask.
+      stopped: [P, N] bool, True if the rollout emitted a stop token (False: truncated at M).
+      num_steps: [] int32, decode-loop positions actually run (<= M; < M when all stopped early).
+    """
+
+    tokens: Array
+    logprobs: Array
+    mask: Array
+    lengths: Array
+    stopped: Array
+    num_steps: Array
+
+
+@flax.struct.dataclass
+class _LoopState:
+    """Carry of the decode loop; `carry` is the sampler-specific model state (e.g. the suffix cache)."""
+
+    step: Array  # [] int32: next slot to write
+    tokens: Array  # [P, N, M] int32
+    logprobs: Array  # [P, N, M] float32
+    lengths: Array  # [P, N] int32
+    done: Array  # [P, N] bool
+    carry: PyTree
+    rng: Array  # base key; step i uses fold_in(rng, i)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token selection.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def sampling_logprobs(
+    logits: Array,
+    temperature: Array | float = 1.0,
+    *,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Array:
+    """Log-probs of the sampling distribution: logits [..., V] -> [..., V] float32 (-inf where cut).
+
+    log_softmax(truncate(logits / temperature)), truncation by top-k then top-p (ties at the cut are kept).
+    `temperature` must be > 0 here (greedy is handled by the caller); it may be traced.
+    """
+    scaled = logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+    if top_k is not None and top_k < scaled.shape[-1]:
+        kth_largest = jax.lax.top_k(scaled, top_k)[0][..., -1:]
+        scaled = jnp.where(scaled < kth_largest, -jnp.inf, scaled)
+    if top_p is not None and top_p < 1.0:
+        descending = -jnp.sort(-scaled, axis=-1)
+        probs = jax.nn.softmax(descending, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of strictly larger logits
+        keep = mass_before < top_p  # always keeps the largest
+        threshold = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
+        scaled = jnp.where(scaled < threshold, -jnp.inf, scaled)
+    return jax.nn.log_softmax(scaled, axis=-1)
+
+
+def _select_tokens(
+    key: Array, logits: Array, temperature: Array, top_k: int | None, top_p: float | None
+) -> tuple[Array, Array]:
+    """logits [P, N, V] -> (tokens [P, N] int32, logprobs [P, N] float32); temperature <= 0 is greedy."""
+    greedy = temperature <= 0
+    logp = sampling_logprobs(
+        logits, jnp.where(greedy, 1.0, temperature), top_k=top_k, top_p=top_p
+    )
+    sampled = jax.random.categorical(key, logp, axis=-1)
+    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    token_logp = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    return tokens, jnp.where(greedy, 0.0, token_logp)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shared decode loop.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _decode_loop(
+    first_logits: Array,
+    next_logits_fn: Callable[[PyTree, Array, Array], tuple[Array, PyTree]],
+    carry: PyTree,
+    rng: Array,
+    *,
+    max_new_tokens: int,
+    temperature: Array,
+    stop_tokens: tuple[int, ...],
+    top_k: int | None,
+    top_p: float | None,
+    pad_id: int,
+) -> Rollouts:
+    """Samples slot 0 from `first_logits` [P, N, V], then slots 1.. in a while_loop.
+
+    `next_logits_fn(carry, tokens [P, N, M], step) -> (logits [P, N, V] for slot `step`, carry)` may read
+    any slot < step of the token buffer.
+    """
+    num_prompts, num_rollouts = first_logits.shape[:2]
+    shape = (num_prompts, num_rollouts, max_new_tokens)
+    stop_ids = jnp.asarray(stop_tokens, jnp.int32)
+
+    def write(state: _LoopState, logits: Array) -> _LoopState:
+        new_tokens, new_logp = _select_tokens(
+            jax.random.fold_in(state.rng, state.step), logits, temperature, top_k, top_p
+        )
+        active = ~state.done
+        new_tokens = jnp.where(active, new_tokens, pad_id)
+        new_logp = jnp.where(active, new_logp, 0.0)
+        is_stop = jnp.any(new_tokens[..., None] == stop_ids, axis=-1)
+        zero = jnp.zeros((), jnp.int32)
+        at = (zero, zero, state.step)
+        return state.replace(
+            step=state.step + 1,
+            tokens=jax.lax.dynamic_update_slice(state.tokens, new_tokens[..., None], at),
+            logprobs=jax.lax.dynamic_update_slice(state.logprobs, new_logp[..., None], at),
+            lengths=state.lengths + active.astype(jnp.int32),
+            done=state.done | (active & is_stop),
+        )
+
+    def cond(state: _LoopState) -> Array:
+        return (state.step < max_new_tokens) & ~jnp.all(state.done)
+
+    def body(state: _LoopState) -> _LoopState:
+        logits, new_carry = next_logits_fn(state.carry, state.tokens, state.step)
+        return write(state.replace(carry=new_carry), logits)
+
+    state = _LoopState(
+        step=jnp.zeros((), jnp.int32),
+        tokens=jnp.full(shape, pad_id, jnp.int32),
+        logprobs=jnp.zeros(shape, jnp.float32),
+        lengths=jnp.zeros(shape[:2], jnp.int32),
+        done=jnp.zeros(shape[:2], bool),
+        carry=carry,
+        rng=rng,
+    )
+    state = write(state, first_logits)
+    state = jax.lax.while_loop(cond, body, state)
+    mask = jnp.arange(max_new_tokens) < state.lengths[..., None]
+    return Rollouts(
+        tokens=state.tokens,
+        logprobs=state.logprobs,
+        mask=mask,
+        lengths=state.lengths,
+        stopped=state.done,
+        num_steps=state.step,
+    )
+
+
+def _check_options(
+    num_rollouts: int,
+    max_new_tokens: int,
+    stop_tokens: Sequence[int],
+    top_k: int | None,
+    top_p: float | None,
+) -> tuple[int, ...]:
+    if num_rollouts < 1 or max_new_tokens < 1:
+        raise ValueError(f"num_rollouts={num_rollouts} and max_new_tokens={max_new_tokens} must be >= 1.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}.")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}.")
+    return tuple(int(t) for t in stop_tokens)
+
+
+_STATIC = ("model_fns", "num_rollouts", "max_new_tokens", "stop_tokens", "top_k", "top_p", "pad_id")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _sample_cached(
+    model_fns, params, prompts, rng, temperature, *, num_rollouts, max_new_tokens, stop_tokens, top_k,
+    top_p, pad_id,
+) -> Rollouts:
+    last_logits, prefix_cache = model_fns.prefill(params, prompts)  # [P, V]
+    suffix_cache = model_fns.init_suffix_cache(prefix_cache, num_rollouts, max_new_tokens)
+    first_logits = jnp.broadcast_to(
+        last_logits[:, None], (last_logits.shape[0], num_rollouts, last_logits.shape[-1])
+    )
+
+    def next_logits(suffix_cache, tokens, step):
+        previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=2)  # [P, N, 1]
+        logits, suffix_cache = model_fns.decode(params, previous, prefix_cache, suffix_cache, step - 1)
+        return logits[:, :, 0], suffix_cache
+
+    return _decode_loop(
+        first_logits, next_logits, suffix_cache, rng, max_new_tokens=max_new_tokens,
+        temperature=temperature, stop_tokens=stop_tokens, top_k=top_k, top_p=top_p, pad_id=pad_id,
+    )
+
+
+def sample_rollouts(
+    model_fns: ModelFns,
+    params: PyTree,
+    prompts: Array,
+    rng: Array,
+    *,
+    num_rollouts: int,
+    max_new_tokens: int,
+    temperature: Array | float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    top_k: int | None = None,
+    top_p: float | None = None,
+    pad_id: int = 0,
+) -> Rollouts:
+    """Samples `num_rollouts` continuations of each prompt with a prefix-shared KV cache (jitted).
+
+    Args:
+      model_fns: hashable `ModelFns` (e.g. `DecoderFns(config)`); static.
+      params: model parameters.
+      prompts: [P, L] int, all of the same length L (no padding inside prompts).
+      rng: PRNG key; slot i uses `fold_in(rng, i)`.
+      num_rollouts: N (static).
+      max_new_tokens: M, slots per rollout (static).
+      temperature: scalar, may be a traced array (no recompile when it changes); 0 means greedy.
+      stop_tokens: token ids that end a rollout (e.g. maze DONE=7, EOS=2); static.
+      top_k: keep the k largest logits (static) or None.
+      top_p: nucleus mass (static) or None.
+      pad_id: filler after the stop token (static).
+
+    Returns:
+      `Rollouts` with [P, N, M] tokens / logprobs / mask; see the module docstring for conventions.
+    """
+    stop_tokens = _check_options(num_rollouts, max_new_tokens, stop_tokens, top_k, top_p)
+    return _sample_cached(
+        model_fns, params, jnp.asarray(prompts, jnp.int32), rng, jnp.asarray(temperature, jnp.float32),
+        num_rollouts=num_rollouts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, top_k=top_k,
+        top_p=top_p, pad_id=pad_id,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _sample_recompute(
+    model_fns, params, prompts, rng, temperature, *, num_rollouts, max_new_tokens, stop_tokens, top_k,
+    top_p, pad_id,
+) -> Rollouts:
+    num_prompts, prompt_len = prompts.shape
+    flat_prompts = jnp.repeat(prompts, num_rollouts, axis=0)  # [P*N, L], row p*N + n
+    first_logits = model_fns.forward(params, flat_prompts)[:, -1]
+    first_logits = first_logits.reshape(num_prompts, num_rollouts, -1)
+
+    def next_logits(carry, tokens, step):
+        sequences = jnp.concatenate(
+            [flat_prompts, tokens.reshape(num_prompts * num_rollouts, max_new_tokens)], axis=1
+        )  # [P*N, L+M]; slots >= step are padding the causal mask ignores
+        logits = model_fns.forward(params, sequences)
+        logits = jax.lax.dynamic_index_in_dim(logits, prompt_len + step - 1, axis=1, keepdims=False)
+        return logits.reshape(num_prompts, num_rollouts, -1), carry
+
+    return _decode_loop(
+        first_logits, next_logits, (), rng, max_new_tokens=max_new_tokens, temperature=temperature,
+        stop_tokens=stop_tokens, top_k=top_k, top_p=top_p, pad_id=pad_id,
+    )
+
+
+def sample_rollouts_recompute(
+    model_fns: ModelFns,
+    params: PyTree,
+    prompts: Array,
+    rng: Array,
+    *,
+    num_rollouts: int,
+    max_new_tokens: int,
+    temperature: Array | float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    top_k: int | None = None,
+    top_p: float | None = None,
+    pad_id: int = 0,
+) -> Rollouts:
+    """Baseline without a KV cache: every step runs `model_fns.forward` on all P*N full sequences.
+
+    Same arguments, outputs and key schedule as `sample_rollouts` (for tests and benchmarks only: its cost
+    per step is a full forward over [P*N, L+M] tokens).
+    """
+    stop_tokens = _check_options(num_rollouts, max_new_tokens, stop_tokens, top_k, top_p)
+    return _sample_recompute(
+        model_fns, params, jnp.asarray(prompts, jnp.int32), rng, jnp.asarray(temperature, jnp.float32),
+        num_rollouts=num_rollouts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, top_k=top_k,
+        top_p=top_p, pad_id=pad_id,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Teacher forcing.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _token_logprobs(logits: Array, tokens: Array, temperature: Array | float) -> Array:
+    """logits [..., V], tokens [...] -> log softmax(logits / temperature)[token], float32 [...]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def sequence_logprobs(
+    model_fns: ModelFns,
+    params: PyTree,
+    prompts: Array,
+    responses: Array,
+    *,
+    temperature: Array | float = 1.0,
+) -> Array:
+    """Teacher-forced per-token log-probs of responses given prompts (differentiable; not jitted here).
+
+    One full forward over concat(prompts, responses[:, :-1]): out[b, r] = log pi(responses[b, r] |
+    prompts[b], responses[b, :r]), computed from logits / temperature. Positions after a stop token
+    (padding) get values too; multiply by `Rollouts.mask`.
+
+    Args:
+      prompts: [B, L] int, same length L (as in sampling).
+      responses: [B, R] int.
+
+    Returns:
+      [B, R] float32.
+    """
+    prompt_len = prompts.shape[1]
+    sequences = jnp.concatenate([prompts, responses], axis=1)[:, :-1]  # [B, L+R-1]
+    logits = model_fns.forward(params, sequences)[:, prompt_len - 1 :]  # [B, R, V]
+    return _token_logprobs(logits, responses, temperature)
+
+
+def sequence_logprobs_shared_prefix(
+    model_fns: ModelFns,
+    params: PyTree,
+    prompts: Array,
+    responses: Array,
+    *,
+    temperature: Array | float = 1.0,
+    with_entropy: bool = False,
+) -> Array | tuple[Array, Array]:
+    """Like `sequence_logprobs` for N responses per prompt, with each prompt's pass run once.
+
+    Runs `prefill` on the P prompts, then one `decode` over all R-1 teacher-forced response tokens of the
+    P x N responses (attending to the shared prefix). Equal to `sequence_logprobs` on the flattened
+    [P*N] batch up to float round-off, at roughly 1/N of the prompt cost. Differentiable.
+
+    Args:
+      prompts: [P, L] int.
+      responses: [P, N, R] int (e.g. `Rollouts.tokens`).
+
+      with_entropy: also return the entropy of each position's next-token distribution (from the same
+        logits / temperature), for an entropy bonus.
+
+    Returns:
+      [P, N, R] float32 log-probs, or (log-probs, entropies), both [P, N, R], with `with_entropy`.
+    """
+    num_rollouts, response_len = responses.shape[1], responses.shape[2]
+    last_logits, prefix_cache = model_fns.prefill(params, prompts)  # [P, V]
+    first_logits = jnp.broadcast_to(
+        last_logits[:, None, None, :], (last_logits.shape[0], num_rollouts, 1, last_logits.shape[-1])
+    )  # [P, N, 1, V]
+    if response_len == 1:
+        logits = first_logits
+    else:
+        suffix_cache = model_fns.init_suffix_cache(prefix_cache, num_rollouts, response_len - 1)
+        rest_logits, _ = model_fns.decode(
+            params, responses[:, :, :-1], prefix_cache, suffix_cache, jnp.zeros((), jnp.int32)
+        )  # [P, N, R-1, V]
+        logits = jnp.concatenate([first_logits, rest_logits.astype(first_logits.dtype)], axis=2)
+    logprobs = _token_logprobs(logits, responses, temperature)
+    if not with_entropy:
+        return logprobs
+    logp_all = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    return logprobs, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)

@@ -1,0 +1,322 @@
+"""Maze experiment: SFT on BFS shortest paths, then on-policy RL, with held-out pass@k evaluation.
+
+`train_and_evaluate(config, workdir)` is the whole job (configs/maze.py documents every field). It writes
+
+    <workdir>/config.json       the config (a resumed run must use the same one)
+    <workdir>/metrics.jsonl     one JSON object per logged interval: {"phase": "sft" | "rl" | "eval", "step", ...}
+    <workdir>/checkpoints/      orbax checkpoints of each phase (params, optimizer state, step)
+    <workdir>/summary.json      {"objective", "eval": {"pass@1", "pass@k", ...}, "sft_eval", ...}
+
+and re-running it on the same workdir resumes from the latest checkpoint. Every step's key is
+`fold_in(<phase key>, step)` of keys derived from `config.seed`, so a resumed run is the same computation as
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorflow_datasets as tfds
+import tqdm
+
+from maxrl_jax import checkpoints
+from maxrl_jax import estimators
+from maxrl_jax import metrics as metrics_lib
+from maxrl_jax import run_logging
+from maxrl_jax import train_steps
+from maxrl_jax.models import decoder
+from maxrl_jax.tasks import maze
+from maxrl_jax.tasks import maze_dataset
+
+# Independent streams derived from config.seed.
+_KEY_INIT, _KEY_SFT_DATA, _KEY_RL_DATA, _KEY_RL_SAMPLING, _KEY_EVAL = range(5)
+STOP_TOKENS = (maze.DONE, maze.EOS)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def objective_kwargs(objective: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The keyword arguments of `estimators.get_advantage_fn` that config.objective sets for its estimator."""
+  allowed = estimators.ADVANTAGE_ESTIMATORS.get(objective.name)
+  if allowed is None:
+    raise ValueError(f"config.objective.name={objective.name!r} is not an estimator; allowed: "
+                     f"{sorted(estimators.ADVANTAGE_ESTIMATORS)}.")
+  return {k: objective[k] for k in allowed.kwargs if k in objective and objective[k] is not None}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails at start, naming the field and the allowed values, on any invalid setting."""
+
+  def fail(field, message):
+    raise ValueError(f"config.{field}: {message}")
+
+  try:
+    size = maze.check_maze_size(config.maze.size)
+  except ValueError as e:
+    fail("maze.size", str(e))
+  if config.maze.train_data not in ("fresh", "fixed"):
+    fail("maze.train_data", f"{config.maze.train_data!r}; allowed: 'fresh' (new mazes every step) or 'fixed'.")
+  for field in ("sft.steps", "rl.steps"):
+    group, name = field.split(".")
+    if int(config[group][name]) != config[group][name] or config[group][name] < 0:
+      fail(field, f"{config[group][name]!r} must be an integer >= 0.")
+  positive_ints = ["sft.batch_size", "rollout.num_prompts", "rollout.num_samples", "rollout.max_new_tokens",
+                   "eval.num_mazes", "eval.num_samples", "eval.prompt_chunk", "eval.every_steps",
+                   "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"]
+  if config.maze.train_data == "fixed":
+    positive_ints.append("maze.train_examples")
+  for field in positive_ints:
+    node = config
+    for part in field.split("."):
+      node = node[part]
+    if isinstance(node, bool) or int(node) != node or node < 1:
+      fail(field, f"{node!r} must be an integer >= 1.")
+  for field in ("sft.learning_rate", "rl.learning_rate", "rollout.temperature", "eval.temperature"):
+    group, name = field.split(".")
+    if not config[group][name] > 0:
+      fail(field, f"{config[group][name]!r} must be > 0.")
+
+  # The objective: a registered estimator whose constraints hold at this group size.
+  kwargs = objective_kwargs(config.objective)
+  try:
+    estimators.get_advantage_fn(config.objective.name, **kwargs)(
+        jnp.zeros((1, config.rollout.num_samples), jnp.float32))
+  except ValueError as e:
+    fail("objective / config.rollout.num_samples", str(e))
+  if config.objective.reduction not in estimators.REDUCTIONS:
+    fail("objective.reduction", f"{config.objective.reduction!r}; allowed: {list(estimators.REDUCTIONS)}.")
+  if config.objective.entropy_coef < 0:
+    fail("objective.entropy_coef", f"{config.objective.entropy_coef!r} must be >= 0.")
+
+  # Sizes that must fit the task.
+  need = maze.max_path_length(size) + 1  # Every move of the longest possible shortest path, then DONE.
+  if config.rollout.max_new_tokens < need:
+    fail("rollout.max_new_tokens",
+         f"{config.rollout.max_new_tokens} is shorter than the longest shortest path of a {size}x{size} "
+         f"maze ({need - 1} moves + DONE); use >= {need}.")
+  prompt_len = maze.prompt_length(size)
+  longest = prompt_len + max(config.rollout.max_new_tokens, maze.min_response_length(size))
+  if config.model.max_positions < longest:
+    fail("model.max_positions", f"{config.model.max_positions} < prompt ({prompt_len}) + response "
+         f"({longest - prompt_len}) tokens; use >= {longest}.")
+  if config.model.vocab_size < maze.VOCAB_SIZE:
+    fail("model.vocab_size", f"{config.model.vocab_size} < the maze vocabulary ({maze.VOCAB_SIZE}).")
+  for k in config.eval.ks:
+    if not 1 <= k <= config.eval.num_samples:
+      fail("eval.ks", f"k={k} must be in [1, eval.num_samples={config.eval.num_samples}].")
+  if config.eval.num_mazes % config.eval.prompt_chunk:
+    fail("eval.prompt_chunk", f"{config.eval.prompt_chunk} must divide eval.num_mazes={config.eval.num_mazes}.")
+  if config.checkpoint_every_steps % config.log_every_steps:
+    fail("checkpoint_every_steps", f"{config.checkpoint_every_steps} must be a multiple of log_every_steps="
+         f"{config.log_every_steps} (so a resumed run logs the same intervals).")
+  if config.maze.train_data == "fixed" and config.maze.train_examples < config.rollout.num_prompts:
+    fail("maze.train_examples", f"{config.maze.train_examples} < rollout.num_prompts="
+         f"{config.rollout.num_prompts}.")
+  try:
+    decoder.DecoderConfig.from_config(config.model)
+  except (ValueError, TypeError) as e:
+    fail("model", str(e))
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _sft_batch_fn(config):
+  size, batch, response_len = config.maze.size, config.sft.batch_size, maze.min_response_length(config.maze.size)
+  return jax.jit(lambda key: maze.sft_batch(key, batch, size, response_len))
+
+
+class _FixedTrainPool:
+  """Epoch-shuffled batches of a fixed TFDS train split (the data-scarce regime)."""
+
+  def __init__(self, grids: np.ndarray, batch_size: int, key: jax.Array):
+    self.grids = jnp.asarray(grids)
+    self.batch_size = batch_size
+    self.steps_per_epoch = len(grids) // batch_size
+    self.key = key
+
+  def epoch(self, step: int) -> int:
+    return (step - 1) // self.steps_per_epoch
+
+  def batch(self, step: int) -> jax.Array:
+    epoch, within = divmod(step - 1, self.steps_per_epoch)
+    perm = jax.random.permutation(jax.random.fold_in(self.key, epoch), len(self.grids))
+    return self.grids[perm[within * self.batch_size:(within + 1) * self.batch_size]]
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+def evaluate(eval_fn, params, grids: jax.Array, chunk: int, key: jax.Array, num_samples: int,
+             ks, temperature: float) -> dict[str, float]:
+  """Held-out pass@k (unbiased, from num_samples samples per maze) and the mean pass rate."""
+  counts = []
+  for i in range(0, grids.shape[0], chunk):
+    counts.append(eval_fn(params, grids[i:i + chunk], jax.random.fold_in(key, i), jnp.float32(temperature)))
+  counts = jnp.concatenate(counts)
+  pass_at = np.asarray(jnp.mean(metrics_lib.pass_at_k(num_samples, counts, list(ks)), axis=0))
+  result = {f"pass@{k}": float(v) for k, v in zip(ks, pass_at)}
+  result["pass_rate"] = float(jnp.mean(counts) / num_samples)
+  result["fraction_solved"] = float(jnp.mean(counts > 0))
+  return result
+
+
+# ------------------------------------------------------------------------------------------------ main job
+
+
+def _interval_record(phase, step, history, seconds, tokens_key=None):
+  stacked = jax.device_get(history)
+  record = {"phase": phase, "step": step}
+  for key in stacked[0]:
+    record[key] = float(np.mean([float(h[key]) for h in stacked]))
+  record["step_time_s"] = seconds / len(history)
+  if tokens_key:
+    record["tokens_per_s"] = float(sum(float(h[tokens_key]) for h in stacked)) / max(seconds, 1e-9)
+  return record
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) SFT then RL on mazes and returns the summary written to <workdir>/summary.json."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  run_logging.check_or_write_config(workdir, config.to_dict())
+  start_time = time.time()
+
+  model_fns = decoder.DecoderFns(decoder.DecoderConfig.from_config(config.model))
+  root = jax.random.key(config.seed)
+  keys = {i: jax.random.fold_in(root, i) for i in range(5)}
+  writer = run_logging.MetricsWriter(workdir)
+  size = config.maze.size
+  data_dir = config.maze.data_dir or os.path.join(workdir, "tfds")
+  tfds.disable_progress_bar()
+  num_train = config.maze.train_examples if config.maze.train_data == "fixed" else config.rollout.num_prompts
+  load_split = functools.partial(maze_dataset.load_maze_split, data_dir, size, num_train=num_train,
+                                 num_test=config.eval.num_mazes)
+  eval_grids = jnp.asarray(load_split("test"))
+
+  eval_fn = train_steps.make_eval_fn(
+      model_fns, prompt_fn=maze.encode_prompts, verifier=maze.verify_groups,
+      num_samples=config.eval.num_samples, max_new_tokens=config.rollout.max_new_tokens,
+      stop_tokens=STOP_TOKENS)
+  run_eval = functools.partial(
+      evaluate, eval_fn, grids=eval_grids, chunk=config.eval.prompt_chunk, key=keys[_KEY_EVAL],
+      num_samples=config.eval.num_samples, ks=tuple(config.eval.ks), temperature=config.eval.temperature)
+
+  sft_ckpt = checkpoints.PhaseCheckpointer(workdir, "sft", config.keep_checkpoints)
+  rl_ckpt = checkpoints.PhaseCheckpointer(workdir, "rl", config.keep_checkpoints)
+  bar = functools.partial(tqdm.tqdm, disable=not config.progress_bar, dynamic_ncols=True)
+
+  # ---------------------------------------------------------------- SFT
+  sft_schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, config.sft.learning_rate, max(config.sft.warmup_steps, 1)),
+       optax.constant_schedule(config.sft.learning_rate)], [max(config.sft.warmup_steps, 1)])
+  sft_tx = train_steps.adamw(sft_schedule, config.sft.b1, config.sft.b2, config.sft.weight_decay,
+                             config.sft.grad_clip)
+  state = train_steps.init_state(model_fns.init(keys[_KEY_INIT]), sft_tx)
+  rl_resume = rl_ckpt.latest_step()
+  if rl_resume is None:
+    sft_resume = sft_ckpt.latest_step() or 0
+    if sft_resume:
+      state = sft_ckpt.restore(sft_resume, state)
+    writer.truncate(lambda r: r.get("phase") == "sft" and r.get("step", 0) <= sft_resume)
+    sft_step = train_steps.make_sft_step(model_fns, sft_tx)
+    sft_batch = _sft_batch_fn(config)
+    history, tick = [], time.time()
+    for step in bar(range(sft_resume + 1, config.sft.steps + 1), desc="SFT", initial=sft_resume,
+                    total=config.sft.steps):
+      state, step_metrics = sft_step(state, sft_batch(jax.random.fold_in(keys[_KEY_SFT_DATA], step)))
+      history.append(step_metrics)
+      if step % config.log_every_steps == 0 or step == config.sft.steps:
+        writer.write(_interval_record("sft", step, history, time.time() - tick))
+        history, tick = [], time.time()
+      if step % config.checkpoint_every_steps == 0 or step == config.sft.steps:
+        sft_ckpt.save(step, state)
+    sft_params = state.params
+  else:
+    writer.truncate(lambda r: r.get("phase") == "sft"
+                    or (r.get("phase") in ("rl", "eval") and r.get("step", 0) <= rl_resume))
+    sft_params = state.params  # Replaced by the RL checkpoint below.
+
+  # ---------------------------------------------------------------- RL
+  objective = config.objective
+  rl_tx = train_steps.adamw(config.rl.learning_rate, config.rl.b1, config.rl.b2, config.rl.weight_decay,
+                            config.rl.grad_clip)
+  rl_state = train_steps.init_state(sft_params, rl_tx)
+  del state
+  if rl_resume is not None:
+    rl_state = rl_ckpt.restore(rl_resume, rl_state)
+  rl_step = train_steps.make_rl_step(
+      model_fns, rl_tx, prompt_fn=maze.encode_prompts, verifier=maze.verify_groups,
+      advantage_fn=estimators.get_advantage_fn(objective.name, **objective_kwargs(objective)),
+      num_samples=config.rollout.num_samples, max_new_tokens=config.rollout.max_new_tokens,
+      stop_tokens=STOP_TOKENS, reduction=objective.reduction, entropy_coef=objective.entropy_coef)
+
+  evals = {r["step"]: r for r in writer.read() if r.get("phase") == "eval"}
+  if 0 not in evals:
+    evals[0] = {"phase": "eval", "step": 0, **run_eval(rl_state.params)}
+    writer.write(evals[0])
+
+  num_prompts = config.rollout.num_prompts
+  if config.maze.train_data == "fixed":
+    pool = _FixedTrainPool(load_split("train"), num_prompts, keys[_KEY_RL_DATA])
+    next_grids = pool.batch
+  else:
+    fresh = jax.jit(lambda key: maze.generate_mazes(key, num_prompts, size))
+    pool = None
+    next_grids = lambda step: fresh(jax.random.fold_in(keys[_KEY_RL_DATA], step))
+
+  temperature = jnp.float32(config.rollout.temperature)
+  start = rl_resume or 0
+  history, tick = [], time.time()
+  progress = bar(range(start + 1, config.rl.steps + 1), desc=f"RL ({objective.name})", initial=start,
+                 total=config.rl.steps)
+  for step in progress:
+    rl_state, step_metrics = rl_step(rl_state, next_grids(step),
+                                     jax.random.fold_in(keys[_KEY_RL_SAMPLING], step), temperature)
+    history.append(step_metrics)
+    if step % config.log_every_steps == 0 or step == config.rl.steps:
+      record = _interval_record("rl", step, history, time.time() - tick, tokens_key="generated_tokens")
+      if pool is not None:
+        record["epoch"] = pool.epoch(step)
+      writer.write(record)
+      progress.set_postfix(pass_rate=f"{record['pass_rate']:.3f}")
+      history, tick = [], time.time()
+    if step % config.eval.every_steps == 0 or step == config.rl.steps:
+      evals[step] = {"phase": "eval", "step": step, **run_eval(rl_state.params)}
+      writer.write(evals[step])
+    if step % config.checkpoint_every_steps == 0 or step == config.rl.steps:
+      rl_ckpt.save(step, rl_state)
+  sft_ckpt.close()
+  rl_ckpt.close()
+
+  final_step = max(evals)
+  final = {k: v for k, v in evals[final_step].items() if k not in ("phase", "step")}
+  after_sft = {k: v for k, v in evals[0].items() if k not in ("phase", "step")}
+  ks = list(config.eval.ks)
+  summary = {
+      "objective": objective.name,
+      "objective_kwargs": objective_kwargs(objective),
+      "eval": final,
+      "sft_eval": after_sft,
+      "rl_steps": final_step,
+      "eval_num_mazes": config.eval.num_mazes,
+      "eval_num_samples": config.eval.num_samples,
+      "improvement": {f"pass@{k}": final[f"pass@{k}"] - after_sft[f"pass@{k}"] for k in ks},
+      "wall_time_s_this_launch": time.time() - start_time,
+  }
+  run_logging.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  rows = [{"policy": "after SFT", **after_sft}, {"policy": f"after RL ({objective.name}, {final_step} steps)", **final}]
+  print(run_logging.format_table(
+      rows, ["policy"] + [f"pass@{k}" for k in ks] + ["fraction_solved"],
+      title=f"Held-out mazes ({config.eval.num_mazes} mazes {size}x{size}, "
+            f"{config.eval.num_samples} samples each, temperature {config.eval.temperature})"))
+  return summary

@@ -1,0 +1,211 @@
+"""The jitted training steps: supervised next-token step (SFT) and the on-policy RL step.
+
+Both are pure functions `(state, batch, rng) -> (new_state, metrics)` built by a factory that closes over
+the model functions, the optimizer and the static sizes, jitted with the state donated. The RL step runs
+the whole loop body on device:
+
+    sample N rollouts per prompt (prefix-shared KV cache) -> verify -> advantages from the registry
+    -> policy-gradient loss (teacher-forced log-probs, prompt pass shared by the N rollouts) -> AdamW update.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from maxrl_jax import estimators
+from maxrl_jax import metrics as metrics_lib
+from maxrl_jax import sampling
+
+Array = jax.Array
+PyTree = Any
+Verifier = Callable[[Array, Array], Array]  # (task batch [P, ...], responses [P, N, M]) -> rewards [P, N]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a phase needs to resume: step, parameters, optimizer state.
+
+  Keys are not stored: every step's key is `fold_in(phase_key, step)` of a key derived from config.seed,
+  so a resumed run draws exactly the keys an uninterrupted run would.
+  """
+
+  step: Array
+  params: PyTree
+  opt_state: PyTree
+
+
+def adamw(learning_rate: float | optax.Schedule, b1: float, b2: float, weight_decay: float,
+          grad_clip: float) -> optax.GradientTransformation:
+  """AdamW with global-norm gradient clipping (clip <= 0 disables it)."""
+  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+  parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
+  return optax.chain(*parts)
+
+
+def init_state(params: PyTree, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def _apply_gradients(state: TrainState, grads: PyTree, tx: optax.GradientTransformation) -> TrainState:
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                    opt_state=opt_state)
+
+
+def next_token_loss(model_fns, params, inputs: Array, loss_mask: Array) -> tuple[Array, dict]:
+  """Mean cross-entropy over the masked target tokens.
+
+  Args:
+    inputs: [B, T] int tokens (prompt followed by target).
+    loss_mask: [B, T] bool, True on tokens to predict; logits at t - 1 predict inputs[:, t].
+
+  Returns:
+    (loss, {"token_accuracy": ...}).
+  """
+  logits = model_fns.forward(params, inputs[:, :-1])  # [B, T-1, V]
+  targets, weights = inputs[:, 1:], loss_mask[:, 1:].astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  denom = jnp.maximum(jnp.sum(weights), 1.0)
+  accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / denom
+  return jnp.sum(nll * weights) / denom, {"token_accuracy": accuracy}
+
+
+def make_sft_step(model_fns, tx: optax.GradientTransformation):
+  """Returns jitted `sft_step(state, batch) -> (state, metrics)`; batch has "inputs" and "loss_mask"."""
+
+  def sft_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    (loss, aux), grads = jax.value_and_grad(
+        lambda p: next_token_loss(model_fns, p, batch["inputs"], batch["loss_mask"]), has_aux=True)(
+            state.params)
+    new_state = _apply_gradients(state, grads, tx)
+    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+
+  return jax.jit(sft_step, donate_argnums=0)
+
+
+def policy_update(
+    model_fns,
+    tx: optax.GradientTransformation,
+    state: TrainState,
+    prompts: Array,
+    rollouts: sampling.Rollouts,
+    rewards: Array,
+    temperature: Array,
+    *,
+    advantage_fn: estimators.AdvantageFn,
+    reduction: str = "sequence_sum",
+    entropy_coef: float = 0.0,
+) -> tuple[TrainState, dict]:
+  """One policy-gradient update from verified rollouts (pure; jit it or call it inside a jitted step).
+
+  Args:
+    prompts: [P, L] int, the prompts the rollouts continue.
+    rollouts: `sampling.Rollouts` with [P, N, M] tokens / logprobs / mask, sampled from `state.params`.
+    rewards: [P, N] verifier rewards.
+    temperature: the sampling temperature (log-probs are those of logits / temperature).
+    advantage_fn: rewards [P, N] -> advantages [P, N] (from estimators.get_advantage_fn).
+    reduction, entropy_coef: see estimators.policy_gradient_loss.
+
+  Returns:
+    (new state, metrics): loss, grad_norm, pass_rate, fraction_solved, response lengths, entropy, and
+    `logprob_mismatch`, the largest |teacher-forced - sampling| log-prob (0 up to round-off on-policy).
+  """
+  advantages = advantage_fn(rewards)
+
+  def loss_fn(params):
+    logprobs, entropy = sampling.sequence_logprobs_shared_prefix(
+        model_fns, params, prompts, rollouts.tokens, temperature=temperature, with_entropy=True)
+    loss = estimators.policy_gradient_loss(
+        logprobs, rollouts.mask, advantages, reduction=reduction, entropy=entropy,
+        entropy_coef=entropy_coef)
+    mask = rollouts.mask.astype(jnp.float32)
+    # On-policy check: teacher-forced log-probs of the sampled tokens equal the sampler's up to
+    # round-off; a large value means sampler and learner disagree (a cache or dtype problem).
+    mismatch = jnp.max(jnp.abs(jax.lax.stop_gradient(logprobs) - rollouts.logprobs) * mask)
+    return loss, {"entropy": jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1.0),
+                  "logprob_mismatch": mismatch}
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state = _apply_gradients(state, grads, tx)
+  lengths = rollouts.lengths.astype(jnp.float32)
+  return new_state, {
+      "loss": loss,
+      "grad_norm": optax.global_norm(grads),
+      "pass_rate": jnp.mean(rewards),
+      "fraction_solved": metrics_lib.fraction_solved(rewards),
+      "mean_response_length": jnp.mean(lengths),
+      "truncated_fraction": 1.0 - jnp.mean(rollouts.stopped.astype(jnp.float32)),
+      "generated_tokens": jnp.sum(lengths),
+      "decode_steps": rollouts.num_steps,
+      "mean_abs_advantage": jnp.mean(jnp.abs(advantages)),
+      **aux,
+  }
+
+
+def make_rl_step(
+    model_fns,
+    tx: optax.GradientTransformation,
+    *,
+    prompt_fn: Callable[[Array], Array],
+    verifier: Verifier,
+    advantage_fn: estimators.AdvantageFn,
+    num_samples: int,
+    max_new_tokens: int,
+    stop_tokens: tuple[int, ...],
+    reduction: str = "sequence_sum",
+    entropy_coef: float = 0.0,
+    pad_id: int = 0,
+):
+  """Returns jitted `rl_step(state, tasks, rng, temperature) -> (state, metrics)`, all on device.
+
+  Args:
+    model_fns: `maxrl_jax.sampling.ModelFns` (e.g. DecoderFns).
+    tx: optimizer.
+    prompt_fn: tasks [P, ...] -> prompts [P, L] int (e.g. maze.encode_prompts).
+    verifier: jittable (tasks [P, ...], responses [P, N, M]) -> rewards [P, N] in {0, 1}.
+    advantage_fn: rewards [P, N] -> advantages [P, N] (from estimators.get_advantage_fn).
+    num_samples: N rollouts per prompt. max_new_tokens: response cap M. stop_tokens: end a rollout.
+    reduction, entropy_coef: see estimators.policy_gradient_loss.
+
+  The step is on-policy: rollouts are sampled from `state.params` and one update is made (see
+  `policy_update`). For a verifier that runs on the host, call `sampling.sample_rollouts`, verify, then a
+  jitted `policy_update`.
+  """
+
+  def rl_step(state: TrainState, tasks: Array, rng: Array, temperature: Array):
+    prompts = prompt_fn(tasks)
+    rollouts = sampling.sample_rollouts(
+        model_fns, state.params, prompts, rng, num_rollouts=num_samples, max_new_tokens=max_new_tokens,
+        temperature=temperature, stop_tokens=stop_tokens, pad_id=pad_id)
+    rewards = verifier(tasks, rollouts.tokens)  # [P, N]
+    return policy_update(model_fns, tx, state, prompts, rollouts, rewards, temperature,
+                         advantage_fn=advantage_fn, reduction=reduction, entropy_coef=entropy_coef)
+
+  return jax.jit(rl_step, donate_argnums=0)
+
+
+def make_eval_fn(
+    model_fns,
+    *,
+    prompt_fn: Callable[[Array], Array],
+    verifier: Verifier,
+    num_samples: int,
+    max_new_tokens: int,
+    stop_tokens: tuple[int, ...],
+    pad_id: int = 0,
+):
+  """Returns jitted `eval_fn(params, tasks [P, ...], rng, temperature) -> correct counts [P] int32`."""
+
+  def eval_fn(params, tasks, rng, temperature):
+    rollouts = sampling.sample_rollouts(
+        model_fns, params, prompt_fn(tasks), rng, num_rollouts=num_samples, max_new_tokens=max_new_tokens,
+        temperature=temperature, stop_tokens=stop_tokens, pad_id=pad_id)
+    return jnp.sum(verifier(tasks, rollouts.tokens), axis=-1).astype(jnp.int32)
+
+  return jax.jit(eval_fn)
