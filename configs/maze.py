@@ -57,6 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.sft.weight_decay = 0.01
   cfg.sft.grad_clip = 1.0
   cfg.sft.warmup_steps = 20
+  # A workdir whose final SFT checkpoint to start RL from (skipping SFT here), so that several objectives
+  # share one SFT policy; "" trains SFT in this run.
+  cfg.sft.init_from = ""
 
   # Rollouts: P prompts x N rollouts per RL step, sampled with the prefix-shared KV-cache sampler.
   cfg.rollout = ml_collections.ConfigDict()
@@ -74,6 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.objective.zero_failed_groups = True  # maxrl: the paper's rule (order N-1); False keeps order N.
   cfg.objective.reduction = "sequence_sum"  # Unbiased; "token_mean" is verl's default.
   cfg.objective.entropy_coef = 0.0  # > 0 adds an entropy bonus (GRPO + entropy).
+  cfg.objective.smoothing_gamma = 0.0  # > 0: Differential Smoothing (paper: 0.05, with grpo).
+  cfg.objective.self_filter = False  # SELF: zero the advantages of prompts whose greedy decode is correct.
 
   # RL optimiser: AdamW, constant learning rate, one update per step (fully on-policy).
   cfg.rl = ml_collections.ConfigDict()
@@ -154,7 +159,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.eval.num_mazes = 256
     cfg.eval.num_samples = 2048
     cfg.eval.ks = (1, 32, 128, 256)
-    cfg.eval.prompt_chunk = 4
+    cfg.eval.prompt_chunk = 8  # A multiple of the number of devices (prompts are split over them).
     cfg.eval.every_steps = 1000
     cfg.log_every_steps = 50
     cfg.checkpoint_every_steps = 1000

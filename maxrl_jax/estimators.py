@@ -57,6 +57,8 @@ __all__ = [
     "maclaurin_advantages",
     "pkpo_advantages",
     "grouped_advantages",
+    "apply_differential_smoothing",
+    "apply_self_filter",
     "get_advantage_fn",
     "ADVANTAGE_ESTIMATORS",
     "weight_function",
@@ -399,6 +401,39 @@ def grouped_advantages(name: str, rewards: Array, group_ids: Array, num_groups: 
   Q = jax.ops.segment_sum(r * r, group_ids, num_segments=num_groups)[group_ids]
   N = sizes[group_ids]
   return ADVANTAGE_ESTIMATORS[name].rule(r, K, N, Q, **kwargs)
+
+
+def apply_differential_smoothing(advantages: Array, rewards: Array, mean_logprobs: Array,
+                                 gamma: float = 0.05) -> Array:
+  """Differential Smoothing (a baseline of the paper's tables), applied on top of any advantages.
+
+      A_i <- A_i - gamma r_i lbar_i + gamma (1 - r_i) lbar_i,
+
+  where lbar_i is the mean token log-prob of rollout i under the sampling policy (<= 0). With GRPO's
+  advantages this is the baseline as the paper runs it (gamma = 0.05). Not an unbiased estimator of any J_T.
+
+  Args:
+    advantages: [..., N]. rewards: [..., N] binary. mean_logprobs: [..., N] lbar_i.
+    gamma: smoothing strength (>= 0).
+
+  Returns:
+    [..., N] advantages.
+  """
+  rewards = jnp.asarray(rewards, _float_dtype(rewards))
+  return advantages + gamma * mean_logprobs * (1.0 - 2.0 * rewards)
+
+
+def apply_self_filter(advantages: Array, greedy_correct: Array) -> Array:
+  """SELF (a baseline of the paper's tables): zero the advantages of prompts whose greedy decode is correct.
+
+  Args:
+    advantages: [..., N] advantages of each prompt's N rollouts (the paper uses GRPO's).
+    greedy_correct: [...] bool, whether the prompt's greedy decode passes the verifier.
+
+  Returns:
+    [..., N] advantages, 0 for the filtered prompts.
+  """
+  return jnp.where(jnp.asarray(greedy_correct, bool)[..., None], jnp.zeros_like(advantages), advantages)
 
 
 def get_advantage_fn(name: str, **kwargs) -> AdvantageFn:

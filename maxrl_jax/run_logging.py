@@ -11,6 +11,8 @@ import numpy as np
 
 # Fields that may differ between the first launch of a run and a resumed launch on the same workdir.
 RESUMABLE_FIELDS = ("progress_bar", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints")
+# A run may resume on another device mesh or coordinator (checkpoints restore into the new shardings).
+RESUMABLE_PREFIXES = ("mesh.",)
 
 
 def _jsonable(value: Any) -> Any:
@@ -61,7 +63,8 @@ def check_or_write_config(workdir: str, config_dict: dict) -> None:
       return out
 
     a, b = flat(saved), flat(config_dict)
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS
+                  and not k.startswith(RESUMABLE_PREFIXES))
     if diff:
       details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:8])
       raise ValueError(

@@ -31,6 +31,7 @@ from maxrl_jax import checkpoints
 from maxrl_jax import estimators
 from maxrl_jax import metrics as metrics_lib
 from maxrl_jax import run_logging
+from maxrl_jax import sharding
 from maxrl_jax import train_steps
 from maxrl_jax.models import decoder
 from maxrl_jax.tasks import maze
@@ -96,6 +97,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail("objective.reduction", f"{config.objective.reduction!r}; allowed: {list(estimators.REDUCTIONS)}.")
   if config.objective.entropy_coef < 0:
     fail("objective.entropy_coef", f"{config.objective.entropy_coef!r} must be >= 0.")
+  if config.objective.smoothing_gamma < 0:
+    fail("objective.smoothing_gamma", f"{config.objective.smoothing_gamma!r} must be >= 0.")
+  if config.sft.init_from and not os.path.isdir(os.path.join(config.sft.init_from, "checkpoints", "sft")):
+    fail("sft.init_from", f"{config.sft.init_from!r} holds no SFT checkpoints (expected "
+         f"{os.path.join(config.sft.init_from, 'checkpoints', 'sft')}); run its SFT first or set it to ''.")
 
   # Sizes that must fit the task.
   need = maze.max_path_length(size) + 1  # Every move of the longest possible shortest path, then DONE.
@@ -130,9 +136,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 # ------------------------------------------------------------------------------------------------ data
 
 
-def _sft_batch_fn(config):
+def _sft_batch_fn(config, batch_sharding=None):
   size, batch, response_len = config.maze.size, config.sft.batch_size, maze.min_response_length(config.maze.size)
-  return jax.jit(lambda key: maze.sft_batch(key, batch, size, response_len))
+  return jax.jit(lambda key: maze.sft_batch(key, batch, size, response_len), out_shardings=batch_sharding)
 
 
 class _FixedTrainPool:
@@ -184,52 +190,99 @@ def _interval_record(phase, step, history, seconds, tokens_key=None):
   return record
 
 
+def sft_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW with linear warm-up then a constant learning rate, from config.sft."""
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, config.sft.learning_rate, max(config.sft.warmup_steps, 1)),
+       optax.constant_schedule(config.sft.learning_rate)], [max(config.sft.warmup_steps, 1)])
+  return train_steps.adamw(schedule, config.sft.b1, config.sft.b2, config.sft.weight_decay,
+                           config.sft.grad_clip)
+
+
+def load_sft_params(config: ml_collections.ConfigDict, workdir: str):
+  """The parameters of the latest SFT checkpoint of a maze run in `workdir` (for analyses)."""
+  model_fns = decoder.DecoderFns(decoder.DecoderConfig.from_config(config.model))
+  like = jax.eval_shape(lambda: train_steps.init_state(model_fns.init(jax.random.key(0)), sft_optimizer(config)))
+  source = checkpoints.PhaseCheckpointer(workdir, "sft")
+  step = source.latest_step()
+  if step is None:
+    raise ValueError(f"{workdir} holds no SFT checkpoint; run its SFT phase first.")
+  state = source.restore(step, like)
+  source.close()
+  return model_fns, state.params
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) SFT then RL on mazes and returns the summary written to <workdir>/summary.json."""
+  sharding.initialize_distributed(config.get("mesh"))  # Multi-host: before any JAX computation.
   validate_config(config)
+  # Batches split over every device; parameters and optimizer state by config.mesh.param_rules.
+  mesh = sharding.make_mesh(config.get("mesh"))
+  param_rules = sharding.MeshConfig.from_config(config.get("mesh")).param_rules
+  sharding.check_batch_sizes(mesh, {"rollout.num_prompts": config.rollout.num_prompts,
+                                    "sft.batch_size": config.sft.batch_size,
+                                    "eval.prompt_chunk": config.eval.prompt_chunk})
+  batch_sharding = sharding.batch_sharding(mesh)
   os.makedirs(workdir, exist_ok=True)
-  run_logging.check_or_write_config(workdir, config.to_dict())
+  if sharding.is_chief():  # Run files are written once; orbax coordinates the checkpoints itself.
+    run_logging.check_or_write_config(workdir, config.to_dict())
   start_time = time.time()
 
   model_fns = decoder.DecoderFns(decoder.DecoderConfig.from_config(config.model))
   root = jax.random.key(config.seed)
   keys = {i: jax.random.fold_in(root, i) for i in range(5)}
-  writer = run_logging.MetricsWriter(workdir)
+  writer = sharding.ChiefOnlyWriter(run_logging.MetricsWriter(workdir))
   size = config.maze.size
   data_dir = config.maze.data_dir or os.path.join(workdir, "tfds")
   tfds.disable_progress_bar()
   num_train = config.maze.train_examples if config.maze.train_data == "fixed" else config.rollout.num_prompts
   load_split = functools.partial(maze_dataset.load_maze_split, data_dir, size, num_train=num_train,
                                  num_test=config.eval.num_mazes)
+  if not sharding.is_chief():
+    sharding.barrier("tfds_build")  # Process 0 builds the dataset (if missing) before the others read it.
   eval_grids = jnp.asarray(load_split("test"))
+  if sharding.is_chief():
+    sharding.barrier("tfds_build")
+
+  sft_ckpt = checkpoints.PhaseCheckpointer(workdir, "sft", config.keep_checkpoints)
+  rl_ckpt = checkpoints.PhaseCheckpointer(workdir, "rl", config.keep_checkpoints)
+  bar = functools.partial(tqdm.tqdm, disable=not (config.progress_bar and sharding.is_chief()),
+                          dynamic_ncols=True)
+
+  # ---------------------------------------------------------------- SFT
+  sft_tx = sft_optimizer(config)
+  # Parameters and optimizer state are created already sharded (eval_shape -> rules -> jit out_shardings).
+  state, state_sharding = sharding.init_sharded(
+      lambda key: train_steps.init_state(model_fns.init(key), sft_tx), keys[_KEY_INIT], mesh=mesh,
+      rules=param_rules)
 
   eval_fn = train_steps.make_eval_fn(
       model_fns, prompt_fn=maze.encode_prompts, verifier=maze.verify_groups,
       num_samples=config.eval.num_samples, max_new_tokens=config.rollout.max_new_tokens,
-      stop_tokens=STOP_TOKENS)
+      stop_tokens=STOP_TOKENS, params_sharding=state_sharding.params, batch_sharding=batch_sharding)
   run_eval = functools.partial(
       evaluate, eval_fn, grids=eval_grids, chunk=config.eval.prompt_chunk, key=keys[_KEY_EVAL],
       num_samples=config.eval.num_samples, ks=tuple(config.eval.ks), temperature=config.eval.temperature)
 
-  sft_ckpt = checkpoints.PhaseCheckpointer(workdir, "sft", config.keep_checkpoints)
-  rl_ckpt = checkpoints.PhaseCheckpointer(workdir, "rl", config.keep_checkpoints)
-  bar = functools.partial(tqdm.tqdm, disable=not config.progress_bar, dynamic_ncols=True)
-
-  # ---------------------------------------------------------------- SFT
-  sft_schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, config.sft.learning_rate, max(config.sft.warmup_steps, 1)),
-       optax.constant_schedule(config.sft.learning_rate)], [max(config.sft.warmup_steps, 1)])
-  sft_tx = train_steps.adamw(sft_schedule, config.sft.b1, config.sft.b2, config.sft.weight_decay,
-                             config.sft.grad_clip)
-  state = train_steps.init_state(model_fns.init(keys[_KEY_INIT]), sft_tx)
   rl_resume = rl_ckpt.latest_step()
-  if rl_resume is None:
+  if rl_resume is None and config.sft.init_from:
+    # Start RL from another run's final SFT policy (shared by the objectives of an ablation).
+    source = checkpoints.PhaseCheckpointer(config.sft.init_from, "sft", config.keep_checkpoints)
+    source_step = source.latest_step()
+    if source_step is None:
+      raise ValueError(f"config.sft.init_from: {config.sft.init_from!r} holds no SFT checkpoint yet.")
+    state = source.restore(source_step, state)
+    source.close()
+    writer.truncate(lambda r: False)
+    sft_params = state.params
+  elif rl_resume is None:
     sft_resume = sft_ckpt.latest_step() or 0
     if sft_resume:
       state = sft_ckpt.restore(sft_resume, state)
     writer.truncate(lambda r: r.get("phase") == "sft" and r.get("step", 0) <= sft_resume)
-    sft_step = train_steps.make_sft_step(model_fns, sft_tx)
-    sft_batch = _sft_batch_fn(config)
+    sft_step = train_steps.make_sft_step(model_fns, sft_tx, state_sharding=state_sharding,
+                                         batch_sharding=batch_sharding)
+    sft_batch = _sft_batch_fn(config, batch_sharding)
     history, tick = [], time.time()
     for step in bar(range(sft_resume + 1, config.sft.steps + 1), desc="SFT", initial=sft_resume,
                     total=config.sft.steps):
@@ -250,7 +303,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   objective = config.objective
   rl_tx = train_steps.adamw(config.rl.learning_rate, config.rl.b1, config.rl.b2, config.rl.weight_decay,
                             config.rl.grad_clip)
-  rl_state = train_steps.init_state(sft_params, rl_tx)
+  rl_state, rl_state_sharding = sharding.init_sharded(
+      lambda params: train_steps.init_state(params, rl_tx), sft_params, mesh=mesh, rules=param_rules)
   del state
   if rl_resume is not None:
     rl_state = rl_ckpt.restore(rl_resume, rl_state)
@@ -258,7 +312,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       model_fns, rl_tx, prompt_fn=maze.encode_prompts, verifier=maze.verify_groups,
       advantage_fn=estimators.get_advantage_fn(objective.name, **objective_kwargs(objective)),
       num_samples=config.rollout.num_samples, max_new_tokens=config.rollout.max_new_tokens,
-      stop_tokens=STOP_TOKENS, reduction=objective.reduction, entropy_coef=objective.entropy_coef)
+      stop_tokens=STOP_TOKENS, reduction=objective.reduction, entropy_coef=objective.entropy_coef,
+      smoothing_gamma=objective.smoothing_gamma, self_filter=objective.self_filter,
+      state_sharding=rl_state_sharding, batch_sharding=batch_sharding)
 
   evals = {r["step"]: r for r in writer.read() if r.get("phase") == "eval"}
   if 0 not in evals:
@@ -270,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pool = _FixedTrainPool(load_split("train"), num_prompts, keys[_KEY_RL_DATA])
     next_grids = pool.batch
   else:
-    fresh = jax.jit(lambda key: maze.generate_mazes(key, num_prompts, size))
+    fresh = jax.jit(lambda key: maze.generate_mazes(key, num_prompts, size), out_shardings=batch_sharding)
     pool = None
     next_grids = lambda step: fresh(jax.random.fold_in(keys[_KEY_RL_DATA], step))
 
@@ -313,7 +369,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "improvement": {f"pass@{k}": final[f"pass@{k}"] - after_sft[f"pass@{k}"] for k in ks},
       "wall_time_s_this_launch": time.time() - start_time,
   }
-  run_logging.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  if sharding.is_chief():
+    run_logging.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
   rows = [{"policy": "after SFT", **after_sft}, {"policy": f"after RL ({objective.name}, {final_step} steps)", **final}]
   print(run_logging.format_table(
       rows, ["policy"] + [f"pass@{k}" for k in ks] + ["fraction_solved"],

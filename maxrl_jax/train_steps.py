@@ -16,6 +16,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from maxrl_jax import estimators
 from maxrl_jax import metrics as metrics_lib
@@ -76,8 +77,25 @@ def next_token_loss(model_fns, params, inputs: Array, loss_mask: Array) -> tuple
   return jnp.sum(nll * weights) / denom, {"token_accuracy": accuracy}
 
 
-def make_sft_step(model_fns, tx: optax.GradientTransformation):
-  """Returns jitted `sft_step(state, batch) -> (state, metrics)`; batch has "inputs" and "loss_mask"."""
+def _jit_step(fn, state_sharding, batch_sharding, num_replicated_args: int):
+  """jit(fn) with the state (argument 0) donated; with shardings: (state, batch, replicated...) in,
+  (state, replicated metrics) out. Without them (one device) plain jit, as before."""
+  if state_sharding is None and batch_sharding is None:
+    return jax.jit(fn, donate_argnums=0)
+  if state_sharding is None or batch_sharding is None:
+    raise ValueError("Pass both state_sharding and batch_sharding, or neither.")
+  rep = NamedSharding(batch_sharding.mesh, PartitionSpec())
+  in_shardings = (state_sharding, batch_sharding) + (rep,) * num_replicated_args
+  return jax.jit(fn, donate_argnums=0, in_shardings=in_shardings, out_shardings=(state_sharding, rep))
+
+
+def make_sft_step(model_fns, tx: optax.GradientTransformation, *, state_sharding: PyTree | None = None,
+                  batch_sharding: NamedSharding | None = None):
+  """Returns jitted `sft_step(state, batch) -> (state, metrics)`; batch has "inputs" and "loss_mask".
+
+  With `state_sharding` (a TrainState of shardings, see sharding.init_sharded) and `batch_sharding` (the
+  leading axis split over the mesh), the step is jitted with those in/out shardings, metrics replicated.
+  """
 
   def sft_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     (loss, aux), grads = jax.value_and_grad(
@@ -86,7 +104,7 @@ def make_sft_step(model_fns, tx: optax.GradientTransformation):
     new_state = _apply_gradients(state, grads, tx)
     return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
 
-  return jax.jit(sft_step, donate_argnums=0)
+  return _jit_step(sft_step, state_sharding, batch_sharding, 0)
 
 
 def policy_update(
@@ -101,6 +119,8 @@ def policy_update(
     advantage_fn: estimators.AdvantageFn,
     reduction: str = "sequence_sum",
     entropy_coef: float = 0.0,
+    smoothing_gamma: float = 0.0,
+    zero_prompts: Array | None = None,
 ) -> tuple[TrainState, dict]:
   """One policy-gradient update from verified rollouts (pure; jit it or call it inside a jitted step).
 
@@ -111,12 +131,23 @@ def policy_update(
     temperature: the sampling temperature (log-probs are those of logits / temperature).
     advantage_fn: rewards [P, N] -> advantages [P, N] (from estimators.get_advantage_fn).
     reduction, entropy_coef: see estimators.policy_gradient_loss.
+    smoothing_gamma: Differential Smoothing (a baseline of the paper's tables): with gamma > 0 the
+      advantage becomes A_i - gamma r_i lbar_i + gamma (1 - r_i) lbar_i, lbar_i the mean token log-prob of
+      rollout i under the sampling policy.
+    zero_prompts: optional [P] bool; the advantages of these prompts are set to 0 (SELF: prompts whose
+      greedy decode is already correct).
 
   Returns:
     (new state, metrics): loss, grad_norm, pass_rate, fraction_solved, response lengths, entropy, and
     `logprob_mismatch`, the largest |teacher-forced - sampling| log-prob (0 up to round-off on-policy).
   """
   advantages = advantage_fn(rewards)
+  if smoothing_gamma:
+    mask = rollouts.mask.astype(jnp.float32)
+    mean_logprob = jnp.sum(rollouts.logprobs * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)  # [P, N]
+    advantages = estimators.apply_differential_smoothing(advantages, rewards, mean_logprob, smoothing_gamma)
+  if zero_prompts is not None:
+    advantages = estimators.apply_self_filter(advantages, zero_prompts)
 
   def loss_fn(params):
     logprobs, entropy = sampling.sequence_logprobs_shared_prefix(
@@ -161,6 +192,10 @@ def make_rl_step(
     reduction: str = "sequence_sum",
     entropy_coef: float = 0.0,
     pad_id: int = 0,
+    smoothing_gamma: float = 0.0,
+    self_filter: bool = False,
+    state_sharding: PyTree | None = None,
+    batch_sharding: NamedSharding | None = None,
 ):
   """Returns jitted `rl_step(state, tasks, rng, temperature) -> (state, metrics)`, all on device.
 
@@ -172,6 +207,11 @@ def make_rl_step(
     advantage_fn: rewards [P, N] -> advantages [P, N] (from estimators.get_advantage_fn).
     num_samples: N rollouts per prompt. max_new_tokens: response cap M. stop_tokens: end a rollout.
     reduction, entropy_coef: see estimators.policy_gradient_loss.
+    smoothing_gamma: Differential Smoothing's gamma (0 disables), see `policy_update`.
+    self_filter: SELF: decode each prompt greedily with the same sampler and zero the advantages of
+      prompts whose greedy decode the verifier accepts.
+    state_sharding, batch_sharding: optional; as in `make_sft_step` (tasks, prompts and rollouts are split
+      over prompts, rng and temperature replicated).
 
   The step is on-policy: rollouts are sampled from `state.params` and one update is made (see
   `policy_update`). For a verifier that runs on the host, call `sampling.sample_rollouts`, verify, then a
@@ -184,10 +224,21 @@ def make_rl_step(
         model_fns, state.params, prompts, rng, num_rollouts=num_samples, max_new_tokens=max_new_tokens,
         temperature=temperature, stop_tokens=stop_tokens, pad_id=pad_id)
     rewards = verifier(tasks, rollouts.tokens)  # [P, N]
-    return policy_update(model_fns, tx, state, prompts, rollouts, rewards, temperature,
-                         advantage_fn=advantage_fn, reduction=reduction, entropy_coef=entropy_coef)
+    zero_prompts = None
+    if self_filter:
+      greedy = sampling.sample_rollouts(
+          model_fns, state.params, prompts, rng, num_rollouts=1, max_new_tokens=max_new_tokens,
+          temperature=0.0, stop_tokens=stop_tokens, pad_id=pad_id)
+      zero_prompts = verifier(tasks, greedy.tokens)[:, 0] > 0  # [P]
+    new_state, step_metrics = policy_update(
+        model_fns, tx, state, prompts, rollouts, rewards, temperature, advantage_fn=advantage_fn,
+        reduction=reduction, entropy_coef=entropy_coef, smoothing_gamma=smoothing_gamma,
+        zero_prompts=zero_prompts)
+    if self_filter:
+      step_metrics["greedy_solved_fraction"] = jnp.mean(zero_prompts.astype(jnp.float32))
+    return new_state, step_metrics
 
-  return jax.jit(rl_step, donate_argnums=0)
+  return _jit_step(rl_step, state_sharding, batch_sharding, 2)
 
 
 def make_eval_fn(
@@ -199,8 +250,14 @@ def make_eval_fn(
     max_new_tokens: int,
     stop_tokens: tuple[int, ...],
     pad_id: int = 0,
+    params_sharding: PyTree | None = None,
+    batch_sharding: NamedSharding | None = None,
 ):
-  """Returns jitted `eval_fn(params, tasks [P, ...], rng, temperature) -> correct counts [P] int32`."""
+  """Returns jitted `eval_fn(params, tasks [P, ...], rng, temperature) -> correct counts [P] int32`.
+
+  With `params_sharding` and `batch_sharding`, tasks are split over prompts and the counts come back
+  replicated (readable on every host).
+  """
 
   def eval_fn(params, tasks, rng, temperature):
     rollouts = sampling.sample_rollouts(
@@ -208,4 +265,7 @@ def make_eval_fn(
         temperature=temperature, stop_tokens=stop_tokens, pad_id=pad_id)
     return jnp.sum(verifier(tasks, rollouts.tokens), axis=-1).astype(jnp.int32)
 
-  return jax.jit(eval_fn)
+  if params_sharding is None and batch_sharding is None:
+    return jax.jit(eval_fn)
+  rep = NamedSharding(batch_sharding.mesh, PartitionSpec())
+  return jax.jit(eval_fn, in_shardings=(params_sharding, batch_sharding, rep, rep), out_shardings=rep)
