@@ -26,8 +26,12 @@ setuptools.setup(
         "numpy",
         "tqdm",
         "matplotlib",
+        # Language models (maxrl_jax.text): tokenizer.json through the Rust tokenizers library.
+        "tokenizers>=0.15",
     ],
     extras_require={
-        "test": ["pytest>=7", "scipy"],
+        "test": ["pytest>=7", "scipy", "jinja2", "sympy"],
+        # Optional for language models: jinja chat templates, symbolic answer checking, parquet data.
+        "text": ["jinja2", "sympy", "pyarrow"],
     },
 )

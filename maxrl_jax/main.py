@@ -2,6 +2,7 @@ r"""Entry point: runs the experiment a config file describes.
 
     python -m maxrl_jax.main --config=configs/maze.py --workdir=/tmp/maze [--config.objective.name=grpo ...]
     python -m maxrl_jax.main --config=configs/classification.py --workdir=/tmp/cls
+    python -m maxrl_jax.main --config=configs/gsm8k_smollm2.py:tiny --workdir=/tmp/gsm8k_tiny
 
 `config.task` selects the trainer; each trainer exposes `train_and_evaluate(config, workdir)`. Re-running
 the same command on the same workdir resumes from its latest checkpoint.
@@ -18,6 +19,7 @@ from ml_collections import config_flags
 TRAINERS = {
     "maze": "maxrl_jax.train_maze",
     "classification": "maxrl_jax.classification.train",
+    "text": "maxrl_jax.text.train",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:preset]).")

@@ -8,7 +8,12 @@ to their own preallocated suffix cache [P, N, M, K, D], with a single softmax ov
 Conventions (both samplers):
 
 - All prompts of a call have the same length L (no padding inside prompts; maze prompts are fixed-length).
-  Generated token i of a rollout sits at absolute position L + i.
+  Generated token i of a rollout sits at absolute position L + i. Prompts of different lengths are passed
+  left-padded as a `PaddedPrompts` (tokens [P, L] and lengths [P]; build it with `left_pad`) wherever a
+  prompts array is accepted: prompt p's real tokens then sit at positions 0..lengths[p]-1, pad keys are
+  masked out, and generated token i sits at position lengths[p] + i, exactly as for the unpadded prompt.
+  The model then needs `prefill(params, prompts, attention_mask=...)` and `forward(..., attention_mask=...)`
+  (DecoderFns has both); models without them still work for plain arrays.
 - `max_new_tokens` (M) and `num_rollouts` (N) are static: one compilation per (P, L, N, M, sampling
   options); new params, prompts, keys and temperatures reuse it.
 - Step i draws with key `jax.random.fold_in(rng, i)`, so for the same key the cached and the recompute
@@ -31,6 +36,9 @@ Model interface (`ModelFns`, any hashable object with these methods, e.g. `Decod
         tokens sit at suffix slots step..step+R-1 (positions L+step..); logits predict the next token.
     forward(params, tokens [B, T]) -> logits [B, T, V] float32       (full causal forward)
 
+For `PaddedPrompts`, prefill and forward are also called with `attention_mask=` ([P, L] / [B, T] bool,
+True on real tokens); the prefix cache must then carry what decode needs (DecoderFns keeps the mask in it).
+
 A fake model implementing these four methods can drive every function here (see tests/test_sampling.py).
 """
 
@@ -43,6 +51,7 @@ from typing import Any, Protocol
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 PyTree = Any
@@ -60,6 +69,72 @@ class ModelFns(Protocol):
     ) -> tuple[Array, PyTree]: ...
 
     def forward(self, params: PyTree, tokens: Array) -> Array: ...
+
+
+@flax.struct.dataclass
+class PaddedPrompts:
+    """Left-padded prompts of different lengths: a pytree accepted wherever a prompts array is.
+
+    Attributes:
+      tokens: [P, L] int32; prompt p's real tokens are tokens[p, L - lengths[p]:], the rest is padding.
+      lengths: [P] int32, number of real tokens of each prompt, 1 <= lengths[p] <= L.
+    """
+
+    tokens: Array
+    lengths: Array
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.tokens.shape
+
+    def attention_mask(self) -> Array:
+        """[P, L] bool, True on real tokens."""
+        width = self.tokens.shape[-1]
+        return jnp.arange(width) >= (width - self.lengths)[..., None]
+
+
+def left_pad(sequences: Sequence[Sequence[int]], length: int | None = None, pad_id: int = 0) -> PaddedPrompts:
+    """Host-side: token lists -> PaddedPrompts (numpy arrays) of width `length` (default: the longest).
+
+    Raises a ValueError if a sequence is empty or longer than `length`.
+    """
+    lengths = np.asarray([len(s) for s in sequences], np.int32)
+    width = int(lengths.max()) if length is None else int(length)
+    if lengths.size and (lengths.min() < 1 or lengths.max() > width):
+        raise ValueError(
+            f"left_pad: prompt lengths must be in [1, {width}], got {lengths.min()}..{lengths.max()}."
+        )
+    tokens = np.full((len(sequences), width), pad_id, np.int32)
+    for row, sequence in enumerate(sequences):
+        if len(sequence):
+            tokens[row, width - len(sequence):] = np.asarray(sequence, np.int32)
+    return PaddedPrompts(tokens=tokens, lengths=lengths)
+
+
+def _as_prompts(prompts: Array | PaddedPrompts) -> Array | PaddedPrompts:
+    """int32 prompts, plain or padded (outside jit)."""
+    if isinstance(prompts, PaddedPrompts):
+        return PaddedPrompts(
+            tokens=jnp.asarray(prompts.tokens, jnp.int32), lengths=jnp.asarray(prompts.lengths, jnp.int32)
+        )
+    return jnp.asarray(prompts, jnp.int32)
+
+
+def _prefill(model_fns, params, prompts: Array | PaddedPrompts):
+    if isinstance(prompts, PaddedPrompts):
+        return model_fns.prefill(params, prompts.tokens, attention_mask=prompts.attention_mask())
+    return model_fns.prefill(params, prompts)
+
+
+def _forward_after_prompts(model_fns, params, prompts: Array | PaddedPrompts, continuations: Array) -> Array:
+    """Full forward over concat(prompts, continuations [B, C]) -> logits [B, L + C, V]."""
+    if isinstance(prompts, PaddedPrompts):
+        mask = jnp.concatenate(
+            [prompts.attention_mask(), jnp.ones(continuations.shape, bool)], axis=1
+        )
+        sequences = jnp.concatenate([prompts.tokens, continuations], axis=1)
+        return model_fns.forward(params, sequences, attention_mask=mask)
+    return model_fns.forward(params, jnp.concatenate([prompts, continuations], axis=1))
 
 
 @flax.struct.dataclass
@@ -239,7 +314,7 @@ def _sample_cached(
     model_fns, params, prompts, rng, temperature, *, num_rollouts, max_new_tokens, stop_tokens, top_k,
     top_p, pad_id,
 ) -> Rollouts:
-    last_logits, prefix_cache = model_fns.prefill(params, prompts)  # [P, V]
+    last_logits, prefix_cache = _prefill(model_fns, params, prompts)  # [P, V]
     suffix_cache = model_fns.init_suffix_cache(prefix_cache, num_rollouts, max_new_tokens)
     first_logits = jnp.broadcast_to(
         last_logits[:, None], (last_logits.shape[0], num_rollouts, last_logits.shape[-1])
@@ -259,7 +334,7 @@ def _sample_cached(
 def sample_rollouts(
     model_fns: ModelFns,
     params: PyTree,
-    prompts: Array,
+    prompts: Array | PaddedPrompts,
     rng: Array,
     *,
     num_rollouts: int,
@@ -275,7 +350,7 @@ def sample_rollouts(
     Args:
       model_fns: hashable `ModelFns` (e.g. `DecoderFns(config)`); static.
       params: model parameters.
-      prompts: [P, L] int, all of the same length L (no padding inside prompts).
+      prompts: [P, L] int, all of the same length L, or left-padded `PaddedPrompts`.
       rng: PRNG key; slot i uses `fold_in(rng, i)`.
       num_rollouts: N (static).
       max_new_tokens: M, slots per rollout (static).
@@ -290,7 +365,7 @@ def sample_rollouts(
     """
     stop_tokens = _check_options(num_rollouts, max_new_tokens, stop_tokens, top_k, top_p)
     return _sample_cached(
-        model_fns, params, jnp.asarray(prompts, jnp.int32), rng, jnp.asarray(temperature, jnp.float32),
+        model_fns, params, _as_prompts(prompts), rng, jnp.asarray(temperature, jnp.float32),
         num_rollouts=num_rollouts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, top_k=top_k,
         top_p=top_p, pad_id=pad_id,
     )
@@ -302,15 +377,18 @@ def _sample_recompute(
     top_p, pad_id,
 ) -> Rollouts:
     num_prompts, prompt_len = prompts.shape
-    flat_prompts = jnp.repeat(prompts, num_rollouts, axis=0)  # [P*N, L], row p*N + n
-    first_logits = model_fns.forward(params, flat_prompts)[:, -1]
+    flat_prompts = jax.tree_util.tree_map(
+        lambda x: jnp.repeat(x, num_rollouts, axis=0), prompts
+    )  # [P*N, L], row p*N + n
+    empty = jnp.zeros((num_prompts * num_rollouts, 0), jnp.int32)
+    first_logits = _forward_after_prompts(model_fns, params, flat_prompts, empty)[:, -1]
     first_logits = first_logits.reshape(num_prompts, num_rollouts, -1)
 
     def next_logits(carry, tokens, step):
-        sequences = jnp.concatenate(
-            [flat_prompts, tokens.reshape(num_prompts * num_rollouts, max_new_tokens)], axis=1
-        )  # [P*N, L+M]; slots >= step are padding the causal mask ignores
-        logits = model_fns.forward(params, sequences)
+        # [P*N, L+M]; slots >= step are padding the causal mask ignores
+        logits = _forward_after_prompts(
+            model_fns, params, flat_prompts, tokens.reshape(num_prompts * num_rollouts, max_new_tokens)
+        )
         logits = jax.lax.dynamic_index_in_dim(logits, prompt_len + step - 1, axis=1, keepdims=False)
         return logits.reshape(num_prompts, num_rollouts, -1), carry
 
@@ -323,7 +401,7 @@ def _sample_recompute(
 def sample_rollouts_recompute(
     model_fns: ModelFns,
     params: PyTree,
-    prompts: Array,
+    prompts: Array | PaddedPrompts,
     rng: Array,
     *,
     num_rollouts: int,
@@ -341,7 +419,7 @@ def sample_rollouts_recompute(
     """
     stop_tokens = _check_options(num_rollouts, max_new_tokens, stop_tokens, top_k, top_p)
     return _sample_recompute(
-        model_fns, params, jnp.asarray(prompts, jnp.int32), rng, jnp.asarray(temperature, jnp.float32),
+        model_fns, params, _as_prompts(prompts), rng, jnp.asarray(temperature, jnp.float32),
         num_rollouts=num_rollouts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, top_k=top_k,
         top_p=top_p, pad_id=pad_id,
     )
@@ -361,7 +439,7 @@ def _token_logprobs(logits: Array, tokens: Array, temperature: Array | float) ->
 def sequence_logprobs(
     model_fns: ModelFns,
     params: PyTree,
-    prompts: Array,
+    prompts: Array | PaddedPrompts,
     responses: Array,
     *,
     temperature: Array | float = 1.0,
@@ -373,22 +451,22 @@ def sequence_logprobs(
     (padding) get values too; multiply by `Rollouts.mask`.
 
     Args:
-      prompts: [B, L] int, same length L (as in sampling).
+      prompts: [B, L] int, same length L (as in sampling), or left-padded `PaddedPrompts`.
       responses: [B, R] int.
 
     Returns:
       [B, R] float32.
     """
     prompt_len = prompts.shape[1]
-    sequences = jnp.concatenate([prompts, responses], axis=1)[:, :-1]  # [B, L+R-1]
-    logits = model_fns.forward(params, sequences)[:, prompt_len - 1 :]  # [B, R, V]
+    logits = _forward_after_prompts(model_fns, params, prompts, responses[:, :-1])  # [B, L+R-1, V]
+    logits = logits[:, prompt_len - 1 :]  # [B, R, V]
     return _token_logprobs(logits, responses, temperature)
 
 
 def sequence_logprobs_shared_prefix(
     model_fns: ModelFns,
     params: PyTree,
-    prompts: Array,
+    prompts: Array | PaddedPrompts,
     responses: Array,
     *,
     temperature: Array | float = 1.0,
@@ -401,7 +479,7 @@ def sequence_logprobs_shared_prefix(
     [P*N] batch up to float round-off, at roughly 1/N of the prompt cost. Differentiable.
 
     Args:
-      prompts: [P, L] int.
+      prompts: [P, L] int, or left-padded `PaddedPrompts`.
       responses: [P, N, R] int (e.g. `Rollouts.tokens`).
 
       with_entropy: also return the entropy of each position's next-token distribution (from the same
@@ -411,7 +489,7 @@ def sequence_logprobs_shared_prefix(
       [P, N, R] float32 log-probs, or (log-probs, entropies), both [P, N, R], with `with_entropy`.
     """
     num_rollouts, response_len = responses.shape[1], responses.shape[2]
-    last_logits, prefix_cache = model_fns.prefill(params, prompts)  # [P, V]
+    last_logits, prefix_cache = _prefill(model_fns, params, prompts)  # [P, V]
     first_logits = jnp.broadcast_to(
         last_logits[:, None, None, :], (last_logits.shape[0], num_rollouts, 1, last_logits.shape[-1])
     )  # [P, N, 1, V]

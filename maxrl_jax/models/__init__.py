@@ -10,6 +10,7 @@ from maxrl_jax.models.decoder import (
     init_suffix_cache,
     param_shapes,
 )
+from maxrl_jax.models.hf_loading import load_pretrained, load_pretrained_config, save_pretrained
 
 __all__ = [
     "Decoder",
@@ -19,5 +20,8 @@ __all__ = [
     "count_params",
     "init_params",
     "init_suffix_cache",
+    "load_pretrained",
+    "load_pretrained_config",
     "param_shapes",
+    "save_pretrained",
 ]

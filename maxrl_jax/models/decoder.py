@@ -34,6 +34,12 @@ Three entry points (methods of `Decoder`, also exposed as pure functions over pa
   `step .. step+R-1` (absolute positions `L+step ..`). R = 1 is one sampling step; R = M is
   prefix-shared teacher forcing of whole responses.
 
+Left-padded prompts: `__call__` and `prefill` take an optional `attention_mask` [B, T] (True on real tokens);
+real tokens then sit at positions 0.., pad keys are masked, and a padded prefix cache carries the mask so that
+`decode` continues each prompt right after its own tokens (see `maxrl_jax.sampling.PaddedPrompts`). RoPE
+scaling (`rope_scaling`: linear, llama3, yarn) and the Llama bias options (`o_proj_bias`, `mlp_bias`) exist for
+Hugging Face checkpoints (`maxrl_jax.models.hf_loading`).
+
 Logits are always float32: the final norm output and the output projection are computed in float32 (the
 log-probs used by RL losses are sensitive to a bf16 lm_head). Everything else computes in `config.dtype`,
 with attention scores and softmax in float32 and parameters stored in `config.param_dtype`.
@@ -87,6 +93,11 @@ class DecoderConfig:
       dtype: compute dtype (e.g. float32, bfloat16). Strings such as "bfloat16" are accepted.
       param_dtype: parameter storage dtype.
       init_std: standard deviation of the normal initialiser of kernels and embeddings.
+      rope_scaling: None (plain RoPE) or the HF `rope_scaling` / `rope_parameters` entries as a mapping
+        or (key, value) pairs; stored as a sorted tuple of pairs (hashable). Supported `rope_type`s:
+        "default", "linear", "llama3", "yarn" (see `rope_frequencies`).
+      o_proj_bias: bias on o_proj (HF Llama / Qwen3 with `attention_bias=True`; Qwen2 has none).
+      mlp_bias: biases on gate/up/down projections (HF Llama `mlp_bias`).
     """
 
     vocab_size: int = 32
@@ -105,11 +116,15 @@ class DecoderConfig:
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     init_std: float = 0.02
+    rope_scaling: Any = None
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
 
     def __post_init__(self):
         # Canonicalise dtypes so that "bfloat16", jnp.bfloat16 and np.dtype("bfloat16") compare equal.
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+        object.__setattr__(self, "rope_scaling", _canonical_rope_scaling(self.rope_scaling))
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError(
@@ -152,7 +167,37 @@ class DecoderConfig:
         values = dataclasses.asdict(self)
         values["dtype"] = jnp.dtype(self.dtype).name
         values["param_dtype"] = jnp.dtype(self.param_dtype).name
+        values["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
         return values
+
+
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def _canonical_rope_scaling(scaling: Any) -> tuple[tuple[str, Any], ...] | None:
+    """None, a mapping or (key, value) pairs -> None or a sorted tuple of pairs (None values dropped).
+
+    HF's legacy key "type" becomes "rope_type"; "rope_theta" is dropped (it is `DecoderConfig.rope_theta`).
+    A default rope type without other entries is None. Unsupported rope types raise a ValueError.
+    """
+    if scaling is None:
+        return None
+    if hasattr(scaling, "to_dict"):
+        scaling = scaling.to_dict()
+    items = dict(scaling.items() if isinstance(scaling, Mapping) else scaling)
+    if "type" in items:
+        items.setdefault("rope_type", items.pop("type"))
+    items.pop("rope_theta", None)
+    items = {str(k): v for k, v in items.items() if v is not None}
+    rope_type = items.setdefault("rope_type", "default")
+    if rope_type not in _ROPE_TYPES:
+        raise ValueError(f"Unsupported RoPE scaling type {rope_type!r}; supported: {list(_ROPE_TYPES)}.")
+    if float(items.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(f"partial_rotary_factor={items['partial_rotary_factor']} is not supported (1.0 only).")
+    items.pop("partial_rotary_factor", None)
+    if rope_type == "default" and len(items) == 1:
+        return None
+    return tuple(sorted(items.items()))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,10 +211,15 @@ class KVCache:
 
     Prefix caches are `[P, L, K, D]` (one per prompt); suffix caches are `[P, N, M, K, D]` (one per
     rollout, preallocated for M tokens). A model's cache is a tuple with one KVCache per layer.
+
+    `mask` is set only on prefix caches of padded prompts (`prefill(..., attention_mask=...)`): [P, L] bool,
+    True on real prompt tokens; decoding then ignores the pad keys and continues each prompt at position
+    `sum(mask[p])`. None means every prefix position is real.
     """
 
     k: Array
     v: Array
+    mask: Array | None = None
 
 
 def init_suffix_cache(
@@ -186,15 +236,88 @@ def init_suffix_cache(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def rope_cos_sin(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
-    """Rotary tables for integer `positions` [...] -> (cos, sin), each [..., head_dim] float32.
+def rope_frequencies(
+    head_dim: int, theta: float, scaling: Any = None
+) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [head_dim / 2] (float64 numpy) and the cos/sin scale of a RoPE variant.
 
-    Frequencies theta^(-2i/D) for i < D/2, repeated for the two halves (HF "rotate half" layout).
+    Plain RoPE: inv_freq_i = theta^(-2i/D), scale 1. With `scaling` (see DecoderConfig.rope_scaling), the
+    HF rope types, from their published formulas:
+      linear: inv_freq / factor.
+      llama3: wavelengths 2 pi / inv_freq longer than original_max_position_embeddings / low_freq_factor
+        are divided by factor, shorter than .../high_freq_factor kept, and in between interpolated with
+        s = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor):
+        (1 - s) inv_freq / factor + s inv_freq.
+      yarn: per-dimension blend of inv_freq / factor and inv_freq with a linear ramp between the correction
+        dimensions of beta_fast (32) and beta_slow (1) rotations over original_max_position_embeddings
+        (floored / ceiled unless truncate=False); cos and sin are scaled by attention_factor, by default
+        0.1 ln(factor) + 1 (or the ratio of the mscale / mscale_all_dim versions of it).
     """
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    options = dict(_canonical_rope_scaling(scaling) or ())
+    rope_type = options.get("rope_type", "default")
+
+    def need(key):
+        if key not in options:
+            raise ValueError(f"RoPE scaling {rope_type!r} needs {key!r}; got {options}.")
+        return float(options[key])
+
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type == "linear":
+        return inv_freq / need("factor"), 1.0
+    if rope_type == "llama3":
+        factor, low, high = need("factor"), need("low_freq_factor"), need("high_freq_factor")
+        original = need("original_max_position_embeddings")
+        wavelength = 2 * np.pi / inv_freq
+        scaled = np.where(wavelength > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelength - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelength >= original / high) & (wavelength <= original / low)
+        return np.where(medium, smoothed, scaled), 1.0
+    # yarn
+    factor, original = need("factor"), need("original_max_position_embeddings")
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * np.log(scale) + 1.0
+
+    attention_factor = options.get("attention_factor")
+    if attention_factor is None:
+        if options.get("mscale") and options.get("mscale_all_dim"):
+            attention_factor = mscale(factor, options["mscale"]) / mscale(factor, options["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+    beta_fast, beta_slow = options.get("beta_fast") or 32.0, options.get("beta_slow") or 1.0
+
+    def correction_dim(rotations):
+        return head_dim * np.log(original / (rotations * 2 * np.pi)) / (2 * np.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if options.get("truncate", True):
+        low, high = np.floor(low), np.ceil(high)
+    low, high = max(low, 0.0), min(high, head_dim - 1.0)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    extrapolation = 1.0 - ramp  # 1: keep inv_freq (high frequencies), 0: inv_freq / factor
+    blended = inv_freq / factor * (1.0 - extrapolation) + inv_freq * extrapolation
+    return blended, float(attention_factor)
+
+
+def rope_cos_sin(
+    positions: Array, head_dim: int, theta: float, scaling: Any = None
+) -> tuple[Array, Array]:
+    """Rotary tables for integer `positions` [...] -> (cos, sin), each [..., head_dim] float32.
+
+    Frequencies theta^(-2i/D) for i < D/2 (or a scaled variant, see `rope_frequencies`), repeated for
+    the two halves (HF "rotate half" layout); cos and sin are multiplied by the variant's scale.
+    """
+    inv_freq, scale = rope_frequencies(head_dim, theta, scaling)
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
+    if scale == 1.0:
+        return jnp.cos(angles), jnp.sin(angles)
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
@@ -234,7 +357,7 @@ def grouped_query_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
 
 
 def prefix_suffix_attention(
-    q: Array, prefix: KVCache, suffix: KVCache, suffix_mask: Array
+    q: Array, prefix: KVCache, suffix: KVCache, suffix_mask: Array, prefix_mask: Array | None = None
 ) -> Array:
     """Attention of N continuations per prompt over a shared prefix and their own suffixes.
 
@@ -246,6 +369,8 @@ def prefix_suffix_attention(
       prefix: k, v [P, L, K, D], shared by the N continuations (broadcast, not copied).
       suffix: k, v [P, N, M, K, D], per continuation.
       suffix_mask: bool broadcastable to [R, M]; True where new token r may attend to suffix slot m.
+      prefix_mask: optional bool [P, L], True on the prefix positions to attend (real prompt tokens);
+        None attends every prefix position.
 
     Returns:
       [P, N, R, H, D] in the value dtype.
@@ -264,6 +389,10 @@ def prefix_suffix_attention(
         "pnrkgd,pnmkd->pnkgrm", q_grouped, suffix.k, preferred_element_type=jnp.float32
     )
     scores_suffix = jnp.where(suffix_mask, scores_suffix, _MASKED_SCORE)
+    if prefix_mask is not None:
+        scores_prefix = jnp.where(
+            prefix_mask[:, None, None, None, None, :], scores_prefix, _MASKED_SCORE
+        )
     scores = jnp.concatenate([scores_prefix, scores_suffix], axis=-1) * scale
     probs = jax.nn.softmax(scores, axis=-1).astype(prefix.v.dtype)
     probs_prefix, probs_suffix = probs[..., :prefix_len], probs[..., prefix_len:]
@@ -314,7 +443,7 @@ class Attention(nn.Module):
         self.q_proj = _dense(c, c.num_heads * c.head_dim, c.attention_bias, "q_proj")
         self.k_proj = _dense(c, c.num_kv_heads * c.head_dim, c.attention_bias, "k_proj")
         self.v_proj = _dense(c, c.num_kv_heads * c.head_dim, c.attention_bias, "v_proj")
-        self.o_proj = _dense(c, c.hidden_size, False, "o_proj")
+        self.o_proj = _dense(c, c.hidden_size, c.o_proj_bias, "o_proj")
         if c.qk_norm:
             self.q_norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="q_norm")
             self.k_norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="k_norm")
@@ -330,12 +459,18 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def __call__(self, x: Array, cos: Array, sin: Array) -> tuple[Array, KVCache]:
-        """Causal attention over x [B, T, E] -> (out [B, T, E], this layer's cache k, v [B, T, K, D])."""
+    def __call__(
+        self, x: Array, cos: Array, sin: Array, mask: Array | None = None
+    ) -> tuple[Array, KVCache]:
+        """Causal attention over x [B, T, E] -> (out [B, T, E], this layer's cache k, v [B, T, K, D]).
+
+        `mask` (bool, broadcastable to [B, T, T]) replaces the causal mask when given.
+        """
         q, k, v = self._qkv(x, cos, sin)
-        seq_len = x.shape[1]
-        causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))[None]
-        out = grouped_query_attention(q, k, v, causal)
+        if mask is None:
+            seq_len = x.shape[1]
+            mask = jnp.tril(jnp.ones((seq_len, seq_len), bool))[None]
+        out = grouped_query_attention(q, k, v, mask)
         return self.o_proj(out.reshape(*x.shape[:-1], -1)), KVCache(k=k, v=v)
 
     def decode(
@@ -352,7 +487,7 @@ class Attention(nn.Module):
         q_len, cache_len = x.shape[2], suffix.k.shape[2]
         # New token r (slot step + r) sees suffix slots m <= step + r.
         visible = jnp.arange(cache_len)[None, :] <= step + jnp.arange(q_len)[:, None]  # [R, M]
-        out = prefix_suffix_attention(q, prefix, suffix, visible)
+        out = prefix_suffix_attention(q, prefix, suffix, visible, prefix.mask)
         return self.o_proj(out.reshape(*x.shape[:-1], -1)), suffix
 
 
@@ -363,9 +498,9 @@ class MLP(nn.Module):
 
     def setup(self):
         c = self.config
-        self.gate_proj = _dense(c, c.ffn_size, False, "gate_proj")
-        self.up_proj = _dense(c, c.ffn_size, False, "up_proj")
-        self.down_proj = _dense(c, c.hidden_size, False, "down_proj")
+        self.gate_proj = _dense(c, c.ffn_size, c.mlp_bias, "gate_proj")
+        self.up_proj = _dense(c, c.ffn_size, c.mlp_bias, "up_proj")
+        self.down_proj = _dense(c, c.hidden_size, c.mlp_bias, "down_proj")
 
     def __call__(self, x: Array) -> Array:
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -383,8 +518,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
         self.mlp = MLP(c)
 
-    def __call__(self, x: Array, cos: Array, sin: Array) -> tuple[Array, KVCache]:
-        attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin)
+    def __call__(
+        self, x: Array, cos: Array, sin: Array, mask: Array | None = None
+    ) -> tuple[Array, KVCache]:
+        attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask)
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -437,29 +574,55 @@ class Decoder(nn.Module):
                 f"Sequence length {length} exceeds max_positions={self.config.max_positions}."
             )
 
-    def _forward_hidden(self, tokens: Array) -> tuple[Array, tuple[KVCache, ...]]:
-        """tokens [B, T] at positions 0..T-1 -> (hidden [B, T, E] pre-norm, k/v [B, T, K, D] per layer)."""
+    def _forward_hidden(
+        self, tokens: Array, attention_mask: Array | None = None
+    ) -> tuple[Array, tuple[KVCache, ...]]:
+        """tokens [B, T] -> (hidden [B, T, E] pre-norm, k/v [B, T, K, D] per layer).
+
+        Without `attention_mask` the tokens sit at positions 0..T-1. With it ([B, T] bool, True on real
+        tokens, e.g. False on left padding), token t sits at position (number of real tokens before t) and
+        attends only to real tokens at or before t; outputs at pad positions are meaningless.
+        """
         c = self.config
         self._check_length(tokens.shape[1])
         x = self.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(jnp.arange(tokens.shape[1]), c.head_dim, c.rope_theta)  # [T, D]
+        seq_len = tokens.shape[1]
+        if attention_mask is None:
+            positions, mask = jnp.arange(seq_len), None  # [T]
+        else:
+            attention_mask = jnp.asarray(attention_mask, bool)
+            positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)  # [B, T]
+            causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))
+            mask = causal[None] & attention_mask[:, None, :]  # [B, T, T]
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [(B,) T, D]
         caches = []
         for layer in self.layers:
-            x, kv = layer(x, cos, sin)
+            x, kv = layer(x, cos, sin, mask)
             caches.append(kv)
         return x, tuple(caches)
 
-    def __call__(self, tokens: Array) -> Array:
-        """Full causal forward: tokens [B, T] int -> logits [B, T, V] float32 (positions 0..T-1)."""
-        hidden, _ = self._forward_hidden(tokens)
+    def __call__(self, tokens: Array, attention_mask: Array | None = None) -> Array:
+        """Full causal forward: tokens [B, T] int -> logits [B, T, V] float32 (positions 0..T-1).
+
+        `attention_mask` [B, T] bool (True on real tokens) supports padding, see `_forward_hidden`.
+        """
+        hidden, _ = self._forward_hidden(tokens, attention_mask)
         return self._logits(hidden)
 
-    def prefill(self, prompts: Array) -> tuple[Array, tuple[KVCache, ...]]:
+    def prefill(
+        self, prompts: Array, attention_mask: Array | None = None
+    ) -> tuple[Array, tuple[KVCache, ...]]:
         """Prompt pass: prompts [P, L] -> (logits of the next token [P, V] float32, prefix cache).
 
         The prefix cache is a tuple over layers of KVCache with k, v [P, L, K, D] in `config.dtype`.
+        Left-padded prompts: pass `attention_mask` [P, L] bool (True on real tokens; the last column must
+        be real). It is stored in the cache (`KVCache.mask`), so `decode` skips the pad keys and places
+        each continuation right after its prompt's real tokens, as for the unpadded prompt.
         """
-        hidden, caches = self._forward_hidden(prompts)
+        hidden, caches = self._forward_hidden(prompts, attention_mask)
+        if attention_mask is not None:
+            mask = jnp.asarray(attention_mask, bool)
+            caches = tuple(KVCache(k=kv.k, v=kv.v, mask=mask) for kv in caches)
         return self._logits(hidden[:, -1]), caches
 
     def decode(
@@ -475,7 +638,8 @@ class Decoder(nn.Module):
           tokens: [P, N, R] int, the tokens at suffix slots step..step+R-1 of each continuation.
           prefix_cache: per layer k, v [P, L, K, D] from `prefill`.
           suffix_cache: per layer k, v [P, N, M, K, D]; slots < step must hold the earlier tokens.
-          step: int scalar (may be traced), the suffix slot of tokens[..., 0]; absolute position L + step.
+          step: int scalar (may be traced), the suffix slot of tokens[..., 0]; absolute position L + step
+            (or sum(mask[p]) + step for a padded prefix cache).
 
         Returns:
           (logits [P, N, R, V] float32 predicting the token after each input token, suffix cache with
@@ -484,8 +648,14 @@ class Decoder(nn.Module):
         c = self.config
         prefix_len, cache_len = prefix_cache[0].k.shape[1], suffix_cache[0].k.shape[2]
         self._check_length(prefix_len + cache_len)
-        positions = prefix_len + step + jnp.arange(tokens.shape[-1])  # [R]
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)  # [R, D]
+        offsets = step + jnp.arange(tokens.shape[-1])  # [R]
+        prefix_mask = prefix_cache[0].mask
+        if prefix_mask is None:
+            positions = prefix_len + offsets  # [R]
+        else:
+            lengths = jnp.sum(prefix_mask, axis=-1, dtype=jnp.int32)  # [P]
+            positions = lengths[:, None, None] + offsets  # [P, 1, R], broadcasts over N
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling)  # [(P, 1,) R, D]
         x = self.embed_tokens(tokens)
         new_suffix = []
         for layer, prefix, suffix in zip(self.layers, prefix_cache, suffix_cache):
@@ -517,13 +687,20 @@ class DecoderFns:
         """Fresh parameters (a plain nested dict of arrays)."""
         return init_params(self.config, rng)
 
-    def forward(self, params: Any, tokens: Array) -> Array:
-        """tokens [B, T] -> logits [B, T, V] float32."""
-        return self.module.apply({"params": params}, tokens)
+    def forward(self, params: Any, tokens: Array, attention_mask: Array | None = None) -> Array:
+        """tokens [B, T] -> logits [B, T, V] float32; optional attention_mask [B, T] (True: real token)."""
+        return self.module.apply({"params": params}, tokens, attention_mask)
 
-    def prefill(self, params: Any, prompts: Array) -> tuple[Array, tuple[KVCache, ...]]:
-        """prompts [P, L] -> (next-token logits [P, V] float32, prefix cache k/v [P, L, K, D] per layer)."""
-        return self.module.apply({"params": params}, prompts, method=Decoder.prefill)
+    def prefill(
+        self, params: Any, prompts: Array, attention_mask: Array | None = None
+    ) -> tuple[Array, tuple[KVCache, ...]]:
+        """prompts [P, L] -> (next-token logits [P, V] float32, prefix cache k/v [P, L, K, D] per layer).
+
+        Left-padded prompts: attention_mask [P, L] bool, True on real tokens (kept in the cache).
+        """
+        return self.module.apply(
+            {"params": params}, prompts, attention_mask, method=Decoder.prefill
+        )
 
     def init_suffix_cache(
         self, prefix_cache: tuple[KVCache, ...], num_rollouts: int, max_len: int

@@ -1,0 +1,205 @@
+r"""GSM8K with SmolLM2-360M-Instruct: the paper's data-scarce regime (Tajwar et al., 2026, GSM8K table).
+
+Weights and data are never downloaded: point the config at local copies.
+
+    python -m maxrl_jax.main --config=configs/gsm8k_smollm2.py --workdir=/ckpt/gsm8k_maxrl \
+        --config.model.path=/models/SmolLM2-360M-Instruct \
+        --config.data.train_path=/data/gsm8k --config.data.eval_path=/data/gsm8k_platinum
+    python -m maxrl_jax.main --config=configs/gsm8k_smollm2.py --workdir=... --config.objective.name=grpo
+    python -m maxrl_jax.main --config=configs/gsm8k_smollm2.py:smoke --workdir=/tmp/smoke \
+        --config.model.path=... --config.data.train_path=...        # one accelerator, minutes
+    python -m maxrl_jax.main --config=configs/gsm8k_smollm2.py:tiny --workdir=/tmp/tiny   # CPU, seconds
+
+Presets (after the colon): `paper` (default; 256 prompts x 128 rollouts, lr 1e-5, 1500 steps, responses up
+to 2048 tokens, pass@k up to 1024 on the held-out set), `smoke` (the paper's settings shrunk to run in
+minutes on one accelerator with real weights) and `tiny` (a tiny random Llama checkpoint and synthetic
+"What is a + b?" problems written into the workdir: the whole path end to end on a CPU; used by the tests).
+docs/language_models.md gives the memory each preset needs.
+"""
+
+import ml_collections
+
+PAPER_PROMPT_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field of the text trainer (maxrl_jax/text/train.py), at the paper's GSM8K settings."""
+  cfg = ml_collections.ConfigDict()
+  cfg.task = "text"
+  cfg.preset = "paper"
+  cfg.seed = 0  # One seed; named keys (sft, rl sampling, eval) and the data order derive from it.
+
+  # Policy: a local Hugging Face checkpoint (Llama / SmolLM2, Qwen2 / Qwen2.5, Qwen3; safetensors).
+  cfg.model = ml_collections.ConfigDict()
+  cfg.model.path = ""  # e.g. /models/SmolLM2-360M-Instruct (config.json, model.safetensors, tokenizer.json).
+  cfg.model.dtype = "bfloat16"  # Compute dtype; logits and losses are float32 regardless.
+  cfg.model.param_dtype = "float32"  # Master weights and AdamW state.
+  cfg.model.max_positions = 0  # 0: data.max_prompt_tokens + the longest response.
+  cfg.model.synthetic = ""  # "llama" | "qwen2" | "qwen3": write a tiny random checkpoint instead (tests).
+  cfg.model.synthetic_overrides = ml_collections.ConfigDict()  # DecoderConfig fields of that checkpoint.
+
+  # Data: GSM8K-style JSONL / JSON / parquet files or directories, or "tfds:NAME" (prepared locally).
+  cfg.data = ml_collections.ConfigDict()
+  cfg.data.train_path = ""  # GSM8K train (7,473 problems): a file, or a directory with train*.jsonl/parquet.
+  cfg.data.eval_path = ""  # Held-out set (the paper: GSM8K-Platinum test); "" uses train_path's eval_split.
+  cfg.data.train_split = "train"
+  cfg.data.eval_split = "test"
+  cfg.data.tfds_data_dir = ""
+  cfg.data.question_key = ""  # "" detects question / problem / prompt.
+  cfg.data.answer_key = ""  # "" detects answer / final_answer / solution ...
+  cfg.data.answer_format = "auto"  # gsm8k ("#### 72", commas removed) | boxed | plain | auto.
+  cfg.data.train_limit = 0  # 0: all problems.
+  cfg.data.prompt_suffix = PAPER_PROMPT_SUFFIX  # Appended to the question (the paper's prompt).
+  cfg.data.system_prompt = ""  # "" lets the chat template add its default (SmolLM2's does).
+  cfg.data.chat_template = "auto"  # The checkpoint's jinja template; or chatml | smollm2 | qwen2.5 | qwen3 | none.
+  cfg.data.template_kwargs = ml_collections.ConfigDict()  # Extra jinja variables, e.g. enable_thinking.
+  cfg.data.extra_stop_tokens = ()  # Token strings that also end a rollout.
+  cfg.data.max_prompt_tokens = 256  # Longer prompts are dropped (counted in summary.json).
+  cfg.data.prompt_bucket = 64  # Prompt widths are multiples of this (fewer compilations).
+  cfg.data.synthetic = False  # True: synthetic "What is a + b?" train / test JSONL written to the workdir.
+  cfg.data.synthetic_train_size = 64
+  cfg.data.synthetic_max_operand = 4
+
+  # Optional supervised warm-up on the reference solutions (0 steps in the paper; tiny presets use it so
+  # that a random model reaches a non-zero pass rate).
+  cfg.sft = ml_collections.ConfigDict()
+  cfg.sft.steps = 0
+  cfg.sft.batch_size = 16
+  cfg.sft.learning_rate = 1e-5
+  cfg.sft.max_response_tokens = 512
+
+  # Rollouts: P prompts x N samples per RL step, prefix-shared KV-cache sampler.
+  cfg.rollout = ml_collections.ConfigDict()
+  cfg.rollout.num_prompts = 256  # P.
+  cfg.rollout.num_samples = 128  # N.
+  cfg.rollout.max_new_tokens = 2048  # Response cap.
+  cfg.rollout.temperature = 1.0  # Training temperature (the paper: 1.0).
+  cfg.rollout.prompt_chunk = 2  # Prompts per sampling call: KV cache = chunk x N x max_new_tokens tokens.
+  cfg.rollout.length_bucket = 256  # The update runs on responses cut to the longest, rounded up to this.
+
+  # Verifier: the last \boxed{...} compared with the reference (numbers exactly, sympy otherwise).
+  cfg.verifier = ml_collections.ConfigDict()
+  cfg.verifier.answer_mode = "boxed"
+  cfg.verifier.timeout_s = 5.0  # Per response; slower ones score 0.
+  cfg.verifier.num_threads = 8
+  cfg.verifier.symbolic = True
+  cfg.verifier.zero_truncated = False  # True: responses that hit max_new_tokens score 0.
+
+  # The objective: an estimator of maxrl_jax.estimators and the loss reduction.
+  cfg.objective = ml_collections.ConfigDict()
+  cfg.objective.name = "maxrl"
+  cfg.objective.order = ml_collections.config_dict.placeholder(int)  # T, for maclaurin.
+  cfg.objective.k = ml_collections.config_dict.placeholder(int)  # k, for pkpo (the paper's table: 16).
+  cfg.objective.zero_failed_groups = True
+  cfg.objective.reduction = "sequence_sum"
+  cfg.objective.entropy_coef = 0.0
+
+  # RL optimiser: AdamW, one update per step (on-policy). Betas / weight decay: verl's defaults.
+  cfg.rl = ml_collections.ConfigDict()
+  cfg.rl.steps = 1500  # ~51 epochs of GSM8K train at 256 prompts per step.
+  cfg.rl.learning_rate = 1e-5
+  cfg.rl.warmup_steps = 0
+  cfg.rl.b1 = 0.9
+  cfg.rl.b2 = 0.999
+  cfg.rl.weight_decay = 0.01
+  cfg.rl.grad_clip = 1.0
+  cfg.rl.micro_batch_prompts = 1  # Gradient accumulation: prompts x rollouts per micro-batch.
+  cfg.rl.micro_batch_rollouts = 8
+
+  # Held-out evaluation: pass@k from num_samples samples per problem (unbiased), majority vote.
+  cfg.eval = ml_collections.ConfigDict()
+  cfg.eval.num_problems = 0  # 0: all.
+  cfg.eval.num_samples = 1024
+  cfg.eval.samples_per_call = 128
+  cfg.eval.prompt_chunk = 2
+  cfg.eval.ks = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+  cfg.eval.temperature = 0.6  # The paper's validation sampling.
+  cfg.eval.top_p = 0.95
+  cfg.eval.max_new_tokens = 2048
+  cfg.eval.every_steps = 100
+
+  # Devices (maxrl_jax/sharding.py): a mesh of data x fsdp over every device of every process. Prompts
+  # (with all their rollouts) are split over both axes, so rollout.prompt_chunk, rl.micro_batch_prompts,
+  # eval.prompt_chunk and sft.batch_size must be multiples of data * fsdp; parameters and optimizer state
+  # are split over fsdp (ZeRO-3 style) by `param_rules`, and the checkpoint is read straight into those
+  # shards. One device: nothing changes. Multi-host: distributed=True on every host.
+  cfg.mesh = ml_collections.ConfigDict()
+  cfg.mesh.axes = ("data", "fsdp")
+  cfg.mesh.shape = (-1, 1)  # Devices per axis; -1 = all remaining devices. E.g. (-1, 4): fsdp over 4.
+  cfg.mesh.param_rules = ((".*", "fsdp"),)  # (regex on "params/layers_0/mlp/up_proj/kernel", placement).
+  cfg.mesh.distributed = False
+  cfg.mesh.coordinator_address = ""
+  cfg.mesh.num_processes = -1
+  cfg.mesh.process_id = -1
+
+  cfg.log_every_steps = 1
+  cfg.checkpoint_every_steps = 50
+  cfg.keep_checkpoints = 2
+  cfg.progress_bar = True
+  return cfg
+
+
+def apply_tiny(cfg: ml_collections.ConfigDict, architecture: str) -> None:
+  """Seconds on a CPU: a tiny random checkpoint, synthetic arithmetic, a short SFT warm-up, 4 RL steps."""
+  cfg.model.synthetic = architecture
+  cfg.model.dtype = "float32"
+  cfg.model.synthetic_overrides = ml_collections.ConfigDict({"num_layers": 1, "hidden_size": 64, "ffn_size": 128})
+  cfg.data.synthetic = True
+  cfg.data.synthetic_train_size = 64
+  cfg.data.chat_template = "chatml"  # The tiny checkpoint's jinja template renders the same (tested).
+  cfg.data.prompt_suffix = ""
+  cfg.data.max_prompt_tokens = 48
+  cfg.data.prompt_bucket = 16
+  cfg.sft.steps = 40
+  cfg.sft.batch_size = 16
+  cfg.sft.learning_rate = 3e-3
+  cfg.sft.max_response_tokens = 8
+  cfg.rollout.num_prompts = 4
+  cfg.rollout.num_samples = 4
+  cfg.rollout.max_new_tokens = 8
+  cfg.rollout.prompt_chunk = 2
+  cfg.rollout.length_bucket = 8
+  cfg.verifier.num_threads = 2
+  cfg.rl.steps = 4
+  cfg.rl.learning_rate = 1e-4
+  cfg.rl.micro_batch_prompts = 2
+  cfg.rl.micro_batch_rollouts = 2
+  cfg.eval.num_problems = 8
+  cfg.eval.num_samples = 8
+  cfg.eval.samples_per_call = 4
+  cfg.eval.prompt_chunk = 4
+  cfg.eval.ks = (1, 4, 8)
+  cfg.eval.max_new_tokens = 8
+  cfg.eval.every_steps = 4
+  cfg.log_every_steps = 2
+  cfg.checkpoint_every_steps = 2
+  cfg.progress_bar = False
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  preset = arg or "paper"
+  cfg = base_config()
+  cfg.preset = preset
+  if preset == "paper":
+    pass
+  elif preset == "smoke":  # One accelerator, minutes: the pipeline with real weights, not the result.
+    cfg.rollout.num_prompts = 16
+    cfg.rollout.num_samples = 16
+    cfg.rollout.max_new_tokens = 512
+    cfg.rollout.prompt_chunk = 8
+    cfg.rl.steps = 20
+    cfg.rl.micro_batch_prompts = 2
+    cfg.rl.micro_batch_rollouts = 8
+    cfg.eval.num_problems = 64
+    cfg.eval.num_samples = 16
+    cfg.eval.samples_per_call = 16
+    cfg.eval.prompt_chunk = 8
+    cfg.eval.ks = (1, 4, 16)
+    cfg.eval.max_new_tokens = 512
+    cfg.eval.every_steps = 10
+    cfg.checkpoint_every_steps = 10
+  elif preset == "tiny":
+    apply_tiny(cfg, "llama")
+  else:
+    raise ValueError(f"Unknown gsm8k_smollm2 preset {preset!r}; allowed: paper, smoke, tiny.")
+  return cfg

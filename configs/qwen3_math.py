@@ -1,0 +1,77 @@
+r"""Qwen3-1.7B-Base / Qwen3-4B-Base on POLARIS-53K math (the paper's large-model runs, section 7 of the spec).
+
+For accelerators with local weights and data; nothing is downloaded.
+
+    python -m maxrl_jax.main --config=configs/qwen3_math.py --workdir=/ckpt/qwen3_1p7b_maxrl \
+        --config.model.path=/models/Qwen3-1.7B-Base \
+        --config.data.train_path=/data/polaris53k.jsonl --config.data.eval_path=/data/math500.jsonl
+    python -m maxrl_jax.main --config=configs/qwen3_math.py:4b --workdir=... --config.model.path=/models/Qwen3-4B-Base
+    python -m maxrl_jax.main --config=configs/qwen3_math.py:tiny --workdir=/tmp/tiny_qwen3   # CPU, seconds
+
+Presets: `paper` (default; 256 prompts x 16 rollouts, lr 1e-6, 1000 steps, responses up to 4096 tokens),
+`4b` (the same for Qwen3-4B-Base, smaller micro-batches), `tiny` (a tiny random Qwen3 checkpoint: q/k norm,
+untied embeddings; synthetic arithmetic; CPU seconds; used by the tests). Every field is documented in
+configs/gsm8k_smollm2.py (same trainer). The paper evaluates on AIME 2025, BeyondAIME, MATH-500 and Minerva:
+run one job per held-out set with --config.data.eval_path, or evaluate checkpoints separately.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+# The shared base config, loaded by path so that this file works wherever it is loaded from.
+_BASE = importlib.util.spec_from_file_location(
+    "_gsm8k_smollm2_base", os.path.join(os.path.dirname(os.path.abspath(__file__)), "gsm8k_smollm2.py"))
+gsm8k_smollm2 = importlib.util.module_from_spec(_BASE)
+_BASE.loader.exec_module(gsm8k_smollm2)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  preset = arg or "paper"
+  cfg = gsm8k_smollm2.base_config()
+  cfg.preset = preset
+
+  cfg.model.path = ""  # e.g. /models/Qwen3-1.7B-Base
+  # POLARIS-53K rows hold "problem" and "answer" (a final answer, compared as is).
+  cfg.data.answer_format = "auto"
+  cfg.data.eval_split = "test"
+  cfg.data.chat_template = "auto"  # Qwen3's template (it ships with the base models' tokenizers too).
+  cfg.data.max_prompt_tokens = 512
+  cfg.data.prompt_bucket = 128
+
+  cfg.rollout.num_prompts = 256
+  cfg.rollout.num_samples = 16
+  cfg.rollout.max_new_tokens = 4096
+  cfg.rollout.temperature = 1.0
+  cfg.rollout.prompt_chunk = 4  # KV cache 4 x 16 x 4.6K tokens x 112 KiB (1.7B, bf16) ~ 33 GiB.
+  cfg.rollout.length_bucket = 512
+
+  cfg.rl.steps = 1000
+  cfg.rl.learning_rate = 1e-6
+  cfg.rl.micro_batch_prompts = 1
+  cfg.rl.micro_batch_rollouts = 2  # float32 logits of 2 x 4096 x 151936 ~ 5 GiB per micro-batch.
+
+  cfg.eval.num_problems = 0
+  cfg.eval.num_samples = 256
+  cfg.eval.samples_per_call = 32
+  cfg.eval.prompt_chunk = 2
+  cfg.eval.ks = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+  cfg.eval.temperature = 0.6
+  cfg.eval.top_p = 0.95
+  cfg.eval.max_new_tokens = 4096
+  cfg.eval.every_steps = 100
+  cfg.checkpoint_every_steps = 50
+
+  if preset == "paper":
+    pass
+  elif preset == "4b":
+    cfg.rollout.prompt_chunk = 2
+    cfg.rl.micro_batch_rollouts = 1
+    cfg.eval.samples_per_call = 16
+  elif preset == "tiny":
+    gsm8k_smollm2.apply_tiny(cfg, "qwen3")
+    cfg.rl.learning_rate = 1e-4
+  else:
+    raise ValueError(f"Unknown qwen3_math preset {preset!r}; allowed: paper, 4b, tiny.")
+  return cfg

@@ -1,0 +1,711 @@
+"""Language-model RL on verifiable math (GSM8K, MATH-style) from a local Hugging Face checkpoint.
+
+`train_and_evaluate(config, workdir)` is the whole job (configs/gsm8k_smollm2.py documents every field):
+
+    load the checkpoint (maxrl_jax.models.load_pretrained) and its tokenizer / chat template
+    -> tokenise the prompts (question + the paper's suffix, through the chat template), left-padded
+    -> [optional SFT warm-up on reference solutions]
+    -> RL steps: sample N rollouts per prompt (prefix-shared KV cache, jitted, in prompt chunks)
+                 -> decode and verify on the host (thread pool, per-item timeout), overlapped with the
+                    device sampling the next chunk
+                 -> advantages from the estimator registry -> one AdamW update (jitted, donated state,
+                    optionally accumulated over micro-batches of prompts x rollouts)
+    -> held-out evaluation: pass@k (unbiased, from eval.num_samples samples per problem), majority vote.
+
+Outputs, as the maze trainer's:
+
+    <workdir>/config.json      the config (a resumed run must use the same one)
+    <workdir>/metrics.jsonl    {"phase": "sft" | "rl" | "eval", "step", "pass_rate", ...} per logged interval
+    <workdir>/checkpoints/     orbax checkpoints of each phase (params, optimizer state, step)
+    <workdir>/summary.json     {"objective", "eval": {"pass@1", "pass@k", ...}, "initial_eval", ...}
+
+Re-running on the same workdir resumes from the latest checkpoint. Every step's key is `fold_in(<phase
+key>, step)` and the data order is a function of (config.seed, epoch), so a resumed run draws the same
+prompts and keys as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from maxrl_jax import checkpoints
+from maxrl_jax import estimators
+from maxrl_jax import metrics as metrics_lib
+from maxrl_jax import run_logging
+from maxrl_jax import sampling
+from maxrl_jax import sharding
+from maxrl_jax import train_steps
+from maxrl_jax.models import decoder
+from maxrl_jax.models import hf_loading
+from maxrl_jax.text import data as data_lib
+from maxrl_jax.text import math_verifier
+from maxrl_jax.text import synthetic
+from maxrl_jax.text import tokenizer as tokenizer_lib
+
+# Independent key streams derived from config.seed.
+_KEY_SFT, _KEY_RL_SAMPLING, _KEY_EVAL = range(3)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def objective_kwargs(objective: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The keyword arguments of `estimators.get_advantage_fn` that config.objective sets for its estimator."""
+  allowed = estimators.ADVANTAGE_ESTIMATORS.get(objective.name)
+  if allowed is None:
+    raise ValueError(f"config.objective.name={objective.name!r} is not an estimator; allowed: "
+                     f"{sorted(estimators.ADVANTAGE_ESTIMATORS)}.")
+  return {k: objective[k] for k in allowed.kwargs if k in objective and objective[k] is not None}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails at start, naming the field and the allowed values, on any invalid setting."""
+
+  def fail(field, message):
+    raise ValueError(f"config.{field}: {message}")
+
+  def get(field):
+    node = config
+    for part in field.split("."):
+      node = node[part]
+    return node
+
+  if not config.model.path and not config.model.synthetic:
+    fail("model.path", "set the local Hugging Face checkpoint directory (or model.synthetic for a tiny "
+         "random one).")
+  if config.model.synthetic and config.model.synthetic not in hf_loading.ARCHITECTURES.values():
+    fail("model.synthetic", f"{config.model.synthetic!r}; allowed: '', "
+         f"{sorted(hf_loading.ARCHITECTURES.values())}.")
+  if not config.data.train_path and not config.data.synthetic:
+    fail("data.train_path", "set a GSM8K / MATH-style file or directory (or data.synthetic).")
+  if config.data.chat_template not in tokenizer_lib.TEMPLATE_NAMES:
+    fail("data.chat_template", f"{config.data.chat_template!r}; allowed: {list(tokenizer_lib.TEMPLATE_NAMES)}.")
+  if config.data.answer_format not in data_lib.ANSWER_FORMATS:
+    fail("data.answer_format", f"{config.data.answer_format!r}; allowed: {list(data_lib.ANSWER_FORMATS)}.")
+  if config.verifier.answer_mode not in math_verifier.ANSWER_MODES:
+    fail("verifier.answer_mode", f"{config.verifier.answer_mode!r}; allowed: {list(math_verifier.ANSWER_MODES)}.")
+  positive_ints = ["rollout.num_prompts", "rollout.num_samples", "rollout.max_new_tokens", "rollout.prompt_chunk",
+                   "rollout.length_bucket", "rl.micro_batch_prompts", "rl.micro_batch_rollouts",
+                   "data.max_prompt_tokens", "data.prompt_bucket", "eval.num_samples", "eval.samples_per_call",
+                   "eval.prompt_chunk", "eval.max_new_tokens", "eval.every_steps", "log_every_steps",
+                   "checkpoint_every_steps", "keep_checkpoints", "verifier.num_threads"]
+  if config.sft.steps:
+    positive_ints += ["sft.batch_size", "sft.max_response_tokens"]
+  for field in positive_ints:
+    value = get(field)
+    if isinstance(value, bool) or int(value) != value or value < 1:
+      fail(field, f"{value!r} must be an integer >= 1.")
+  for field in ("sft.steps", "rl.steps", "eval.num_problems", "data.train_limit"):
+    value = get(field)
+    if isinstance(value, bool) or int(value) != value or value < 0:
+      fail(field, f"{value!r} must be an integer >= 0.")
+  for field in ("rl.learning_rate", "rollout.temperature", "verifier.timeout_s"):
+    if not get(field) > 0:
+      fail(field, f"{get(field)!r} must be > 0.")
+  if not config.eval.temperature >= 0:
+    fail("eval.temperature", f"{config.eval.temperature!r} must be >= 0 (0 is greedy).")
+  if not 0 < config.eval.top_p <= 1:
+    fail("eval.top_p", f"{config.eval.top_p!r} must be in (0, 1].")
+  divisible = [("rollout.prompt_chunk", "rollout.num_prompts"), ("rl.micro_batch_prompts", "rollout.num_prompts"),
+               ("rl.micro_batch_rollouts", "rollout.num_samples"), ("eval.samples_per_call", "eval.num_samples"),
+               ("log_every_steps", "checkpoint_every_steps")]
+  for small, large in divisible:
+    if get(large) % get(small):
+      fail(small, f"{get(small)} must divide {large}={get(large)}.")
+  for k in config.eval.ks:
+    if not 1 <= k <= config.eval.num_samples:
+      fail("eval.ks", f"k={k} must be in [1, eval.num_samples={config.eval.num_samples}].")
+  kwargs = objective_kwargs(config.objective)
+  try:
+    estimators.get_advantage_fn(config.objective.name, **kwargs)(
+        jnp.zeros((1, config.rollout.num_samples), jnp.float32))
+  except ValueError as e:
+    fail("objective / config.rollout.num_samples", str(e))
+  if config.objective.reduction not in estimators.REDUCTIONS:
+    fail("objective.reduction", f"{config.objective.reduction!r}; allowed: {list(estimators.REDUCTIONS)}.")
+  if config.objective.entropy_coef < 0:
+    fail("objective.entropy_coef", f"{config.objective.entropy_coef!r} must be >= 0.")
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+def resolve_model_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The checkpoint directory: config.model.path, or a tiny random one written under the workdir."""
+  if not config.model.synthetic:
+    return config.model.path
+  path = os.path.join(workdir, "synthetic_model")
+  if not os.path.exists(os.path.join(path, "config.json")):
+    synthetic.write_tiny_checkpoint(path, architecture=config.model.synthetic, seed=config.seed,
+                                    **dict(config.model.synthetic_overrides))
+  return path
+
+
+def resolve_data(config: ml_collections.ConfigDict, workdir: str):
+  """(train problems, eval problems) from the configured files, or synthetic arithmetic written as JSONL."""
+  d = config.data
+  train_path, eval_path = d.train_path, d.eval_path
+  if d.synthetic:
+    directory = os.path.join(workdir, "synthetic_data")
+    train_path, eval_path = os.path.join(directory, "train.jsonl"), os.path.join(directory, "test.jsonl")
+    if not os.path.exists(eval_path):
+      data_lib.write_jsonl(train_path, data_lib.problems_to_rows(
+          data_lib.synthetic_arithmetic(d.synthetic_train_size, seed=config.seed, max_operand=d.synthetic_max_operand)))
+      data_lib.write_jsonl(eval_path, data_lib.problems_to_rows(
+          data_lib.synthetic_arithmetic(config.eval.num_problems or 16, seed=config.seed + 1,
+                                        max_operand=d.synthetic_max_operand)))
+  load = functools.partial(data_lib.load_problems, question_key=d.question_key or None,
+                           answer_key=d.answer_key or None, answer_format=d.answer_format,
+                           data_dir=d.tfds_data_dir or None)
+  train = load(train_path, split=d.train_split, limit=d.train_limit or None)
+  eval_problems = load(eval_path or train_path, split=d.eval_split, limit=config.eval.num_problems or None)
+  return train, eval_problems
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+def pad_prompts(token_lists: Sequence[Sequence[int]], bucket: int, max_tokens: int,
+                pad_id: int) -> sampling.PaddedPrompts:
+  """Left-pads to the longest prompt rounded up to `bucket` (at most max_tokens): few distinct shapes."""
+  width = min(max_tokens, _round_up(max(len(t) for t in token_lists), bucket))
+  return sampling.left_pad(token_lists, width, pad_id)
+
+
+def _slice_prompts(prompts: sampling.PaddedPrompts, start: int, stop: int) -> sampling.PaddedPrompts:
+  return sampling.PaddedPrompts(tokens=prompts.tokens[start:stop], lengths=prompts.lengths[start:stop])
+
+
+def _concat_rollouts(parts: Sequence[sampling.Rollouts]) -> sampling.Rollouts:
+  if len(parts) == 1:
+    return parts[0]
+  return sampling.Rollouts(
+      tokens=jnp.concatenate([p.tokens for p in parts]), logprobs=jnp.concatenate([p.logprobs for p in parts]),
+      mask=jnp.concatenate([p.mask for p in parts]), lengths=jnp.concatenate([p.lengths for p in parts]),
+      stopped=jnp.concatenate([p.stopped for p in parts]),
+      num_steps=jnp.max(jnp.stack([p.num_steps for p in parts])))
+
+
+def _truncate_rollouts(rollouts: sampling.Rollouts, length: int) -> sampling.Rollouts:
+  """Keeps the first `length` slots (all tokens of every rollout must fit)."""
+  return rollouts.replace(tokens=rollouts.tokens[..., :length], logprobs=rollouts.logprobs[..., :length],
+                          mask=rollouts.mask[..., :length])
+
+
+def _pipelined(calls: Iterable[Callable[[], Any]], consume: Callable[[Any], None]) -> None:
+  """Dispatches call i+1 (asynchronously, on the device) before consuming result i on the host."""
+  pending = None
+  for call in calls:
+    result = call()
+    if pending is not None:
+      consume(pending)
+    pending = result
+  if pending is not None:
+    consume(pending)
+
+
+def decode_responses(tokenizer: tokenizer_lib.TextTokenizer, tokens: np.ndarray,
+                     lengths: np.ndarray) -> list[str]:
+  """tokens [R, M], lengths [R] -> R strings (special tokens such as the stop token dropped)."""
+  return tokenizer.decode_batch([row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())])
+
+
+# ------------------------------------------------------------------------------------------------ update
+
+
+def make_policy_update(model_fns, tx: optax.GradientTransformation, *, advantage_fn, reduction: str,
+                       entropy_coef: float, micro_batch_prompts: int | None = None,
+                       micro_batch_rollouts: int | None = None, num_shards: int = 1,
+                       state_sharding: Any = None, batch_sharding: Any = None):
+  """Jitted `update(state, prompts, rollouts, rewards, temperature) -> (state, metrics)` (state donated).
+
+  Without micro-batches (or when they cover the whole batch) it is `train_steps.policy_update`. Otherwise
+  advantages are computed from the full groups, then the gradient is accumulated (lax.scan) over
+  micro-batches of `micro_batch_prompts` prompts x `micro_batch_rollouts` rollouts, each weighted by its
+  share of the reduction's denominator (rollouts, or tokens for token_mean), so the update equals the
+  single-batch one up to float round-off while only one micro-batch's activations are alive at a time.
+
+  Sharded (prompts split in `num_shards` contiguous blocks, one per batch shard): micro-batch g takes
+  micro_batch_prompts / num_shards prompts from every block, so each micro-batch is spread over all
+  devices without moving data. With `state_sharding` and `batch_sharding` the update is jitted with those
+  in/out shardings (prompts, rollouts and rewards split over prompts; temperature and metrics replicated).
+  """
+
+  def update(state, prompts, rollouts, rewards, temperature):
+    num_prompts, num_samples = rewards.shape
+    cp = micro_batch_prompts or num_prompts
+    cn = micro_batch_rollouts or num_samples
+    if cp == num_prompts and cn == num_samples:
+      return train_steps.policy_update(model_fns, tx, state, prompts, rollouts, rewards, temperature,
+                                       advantage_fn=advantage_fn, reduction=reduction,
+                                       entropy_coef=entropy_coef)
+    advantages = advantage_fn(rewards)
+    gp, gn = num_prompts // cp, num_samples // cn
+    local = cp // num_shards  # prompts of a micro-batch in each shard's block
+
+    def split_prompt_axis(x):  # [P, ...] -> [gp, cp, ...]; micro-batch g: rows d P/D + g local + j
+      x = x.reshape(num_shards, gp, local, *x.shape[1:])
+      return jnp.swapaxes(x, 0, 1).reshape(gp, cp, *x.shape[3:])
+
+    def split(x):  # [P, N, ...] -> [gp * gn, cp, cn, ...]
+      trailing = x.shape[2:]
+      x = split_prompt_axis(x).reshape(gp, cp, gn, cn, *trailing)
+      return jnp.swapaxes(x, 1, 2).reshape(gp * gn, cp, cn, *trailing)
+
+    def split_prompts(x):  # [P, ...] -> [gp * gn, cp, ...]
+      x = split_prompt_axis(x)
+      return jnp.broadcast_to(x[:, None], (gp, gn, *x.shape[1:])).reshape(gp * gn, *x.shape[1:])
+
+    mask = rollouts.mask
+    total_tokens = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+    batches = (jax.tree_util.tree_map(split_prompts, prompts), split(rollouts.tokens), split(mask),
+               split(rollouts.logprobs), split(advantages))
+
+    def micro_loss(params, batch):
+      mb_prompts, tokens, mb_mask, sampled_logprobs, mb_advantages = batch
+      logprobs, entropy = sampling.sequence_logprobs_shared_prefix(
+          model_fns, params, mb_prompts, tokens, temperature=temperature, with_entropy=True)
+      loss = estimators.policy_gradient_loss(logprobs, mb_mask, mb_advantages, reduction=reduction,
+                                             entropy=entropy, entropy_coef=entropy_coef)
+      fmask = mb_mask.astype(jnp.float32)
+      weight = jnp.sum(fmask) / total_tokens if reduction == "token_mean" else 1.0 / (gp * gn)
+      mismatch = jnp.max(jnp.abs(jax.lax.stop_gradient(logprobs) - sampled_logprobs) * fmask)
+      return loss * weight, (jnp.sum(entropy * fmask), mismatch)
+
+    def body(carry, batch):
+      grads_acc, loss_acc, entropy_acc, mismatch_acc = carry
+      (loss, (entropy_sum, mismatch)), grads = jax.value_and_grad(micro_loss, has_aux=True)(state.params, batch)
+      grads_acc = jax.tree_util.tree_map(lambda a, g: a + g.astype(a.dtype), grads_acc, grads)
+      return (grads_acc, loss_acc + loss, entropy_acc + entropy_sum, jnp.maximum(mismatch_acc, mismatch)), None
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, loss, entropy_sum, mismatch), _ = jax.lax.scan(body, init, batches)
+    grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = train_steps.TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                       opt_state=opt_state)
+    lengths = rollouts.lengths.astype(jnp.float32)
+    return new_state, {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "pass_rate": jnp.mean(rewards),
+        "fraction_solved": metrics_lib.fraction_solved(rewards),
+        "mean_response_length": jnp.mean(lengths),
+        "truncated_fraction": 1.0 - jnp.mean(rollouts.stopped.astype(jnp.float32)),
+        "generated_tokens": jnp.sum(lengths),
+        "decode_steps": rollouts.num_steps,
+        "mean_abs_advantage": jnp.mean(jnp.abs(advantages)),
+        "entropy": entropy_sum / total_tokens,
+        "logprob_mismatch": mismatch,
+    }
+
+  if state_sharding is None:
+    return jax.jit(update, donate_argnums=0)
+  rep = sharding.replicated(batch_sharding.mesh)
+  rollouts_sharding = sampling.Rollouts(tokens=batch_sharding, logprobs=batch_sharding, mask=batch_sharding,
+                                        lengths=batch_sharding, stopped=batch_sharding, num_steps=rep)
+  return jax.jit(update, donate_argnums=0, in_shardings=(state_sharding, batch_sharding, rollouts_sharding,
+                                                         batch_sharding, rep),
+                 out_shardings=(state_sharding, rep))
+
+
+# ------------------------------------------------------------------------------------------------ rollouts
+
+
+class Sampler:
+  """Samples and verifies rollouts of token-list prompts in prompt chunks, overlapping host and device.
+
+  Args:
+    model_fns: DecoderFns. tokenizer: TextTokenizer. verifier: MathVerifier.
+    mesh, params_sharding: prompts (with their rollouts) are split over the mesh's batch axes, parameters
+      placed as `params_sharding` (see maxrl_jax.sharding.make_sharded_sampler).
+    stop_tokens: sampler stop ids. pad_id: left padding and filler id.
+    prompt_bucket, max_prompt_tokens: prompt widths are multiples of the bucket, capped.
+    zero_truncated: score responses that hit the token cap as 0.
+  """
+
+  def __init__(self, model_fns, tokenizer, verifier, *, mesh, params_sharding, stop_tokens, pad_id, prompt_bucket,
+               max_prompt_tokens, zero_truncated: bool):
+    self.model_fns = model_fns
+    self.mesh = mesh
+    self.params_sharding = params_sharding
+    self._samplers = {}
+    self.tokenizer = tokenizer
+    self.verifier = verifier
+    self.stop_tokens = tuple(stop_tokens)
+    self.pad_id = pad_id
+    self.prompt_bucket = prompt_bucket
+    self.max_prompt_tokens = max_prompt_tokens
+    self.zero_truncated = zero_truncated
+
+  def pad(self, token_lists):
+    return pad_prompts(token_lists, self.prompt_bucket, self.max_prompt_tokens, self.pad_id)
+
+  def place(self, prompts: sampling.PaddedPrompts) -> sampling.PaddedPrompts:
+    """Host prompts -> global arrays split over the batch axes."""
+    batch = sharding.batch_sharding(self.mesh)
+    return jax.tree_util.tree_map(lambda x: sharding.shard_global_array(x, batch), prompts)
+
+  def sample(self, params, prompts, key, *, num_samples, max_new_tokens, temperature, top_p=None):
+    """Dispatches (asynchronously) one sampling call on host prompts; returns device Rollouts."""
+    top_p = None if top_p in (None, 1.0) else float(top_p)
+    options = (num_samples, max_new_tokens, top_p)
+    if options not in self._samplers:
+      self._samplers[options] = sharding.make_sharded_sampler(
+          self.model_fns, self.mesh, self.params_sharding, num_rollouts=num_samples,
+          max_new_tokens=max_new_tokens, stop_tokens=self.stop_tokens, top_p=top_p, pad_id=self.pad_id)
+    return self._samplers[options](params, self.place(prompts), key, jnp.asarray(temperature, jnp.float32))
+
+  def host_results(self, rollouts: sampling.Rollouts, answers: Sequence[str]) -> dict[str, np.ndarray]:
+    """Fetches one call's rollouts [P, N, M] and verifies them -> rewards [P, N] and host statistics."""
+    tokens, lengths, stopped = sharding.gather_to_host((rollouts.tokens, rollouts.lengths, rollouts.stopped))
+    num_prompts, num_samples = lengths.shape
+    texts = decode_responses(self.tokenizer, tokens.reshape(num_prompts * num_samples, -1), lengths.reshape(-1))
+    references = [a for a in answers for _ in range(num_samples)]
+    rewards = self.verifier(texts, references).reshape(num_prompts, num_samples)
+    if self.zero_truncated:
+      rewards = rewards * stopped
+    return {"rewards": rewards, "texts": texts, "lengths": lengths, "stopped": stopped,
+            **{k: np.float32(v) for k, v in self.verifier.last_stats.items()}}
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+def evaluate(sampler: Sampler, params, prompt_tokens: Sequence[Sequence[int]], answers: Sequence[str], *,
+             key, num_samples: int, samples_per_call: int, prompt_chunk: int, max_new_tokens: int,
+             temperature: float, top_p: float, ks: Sequence[int], answer_mode: str) -> dict[str, float]:
+  """Held-out pass@k (unbiased, from num_samples samples per problem), majority vote, lengths.
+
+  Prompt chunks keep one shape: the last chunk is filled with copies of its first prompt (ignored).
+  """
+  num_problems = len(prompt_tokens)
+  counts = np.zeros(num_problems, np.int64)
+  votes = [Counter() for _ in range(num_problems)]
+  correct_answers = [set() for _ in range(num_problems)]
+  lengths, stopped, timeouts = [], [], 0.0
+  calls = []
+  prompts_all = sampler.pad(prompt_tokens)
+  for start in range(0, num_problems, prompt_chunk):
+    rows = list(range(start, min(start + prompt_chunk, num_problems)))
+    rows_padded = rows + [rows[0]] * (prompt_chunk - len(rows))
+    chunk = sampling.PaddedPrompts(tokens=prompts_all.tokens[rows_padded], lengths=prompts_all.lengths[rows_padded])
+    for repeat in range(num_samples // samples_per_call):
+      call_key = jax.random.fold_in(jax.random.fold_in(key, start), repeat)
+      calls.append((rows, chunk, call_key))
+
+  def dispatch(rows, chunk, call_key):
+    return rows, sampler.sample(params, chunk, call_key, num_samples=samples_per_call,
+                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+
+  def consume(item):
+    nonlocal timeouts
+    rows, rollouts = item
+    result = sampler.host_results(rollouts, [answers[r] for r in rows] + [answers[rows[0]]] * (prompt_chunk - len(rows)))
+    timeouts += float(result["verify_timeouts"])
+    for i, row in enumerate(rows):
+      counts[row] += int(result["rewards"][i].sum())
+      for j in range(samples_per_call):
+        text = result["texts"][i * samples_per_call + j]
+        vote = math_verifier.canonical_answer(text, answer_mode)
+        if vote is not None:
+          votes[row][vote] += 1
+          if result["rewards"][i, j]:
+            correct_answers[row].add(vote)
+    lengths.append(result["lengths"][: len(rows)])
+    stopped.append(result["stopped"][: len(rows)])
+
+  _pipelined((functools.partial(dispatch, *call) for call in calls), consume)
+  pass_at = np.asarray(jnp.mean(metrics_lib.pass_at_k(num_samples, jnp.asarray(counts), list(ks)), axis=0))
+  majority = [bool(v) and v.most_common(1)[0][0] in good for v, good in zip(votes, correct_answers)]
+  result = {f"pass@{k}": float(v) for k, v in zip(ks, pass_at)}
+  result.update({
+      "pass_rate": float(counts.mean() / num_samples),
+      "fraction_solved": float(np.mean(counts > 0)),
+      f"maj@{num_samples}": float(np.mean(majority)),
+      "mean_response_length": float(np.mean(np.concatenate(lengths))),
+      "truncated_fraction": float(1.0 - np.mean(np.concatenate(stopped))),
+      "verify_timeouts": timeouts,
+  })
+  return result
+
+
+# ------------------------------------------------------------------------------------------------ main job
+
+
+def _mean_record(phase: str, step: int, history: list[dict], seconds: float, tokens_key: str | None = None):
+  stacked = jax.device_get(history)
+  record = {"phase": phase, "step": step}
+  for key in stacked[0]:
+    record[key] = float(np.mean([float(h[key]) for h in stacked]))
+  record["step_time_s"] = seconds / len(history)
+  if tokens_key:
+    record["tokens_per_s"] = float(sum(float(h[tokens_key]) for h in stacked)) / max(seconds, 1e-9)
+  return record
+
+
+class _EpochOrder:
+  """Epoch-shuffled batches of prompt indices; the permutation of epoch e depends on (seed, e) only."""
+
+  def __init__(self, num_items: int, batch_size: int, seed: int):
+    if num_items < batch_size:
+      raise ValueError(f"{num_items} usable training prompts < rollout.num_prompts={batch_size}.")
+    self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+    self.steps_per_epoch = num_items // batch_size
+
+  def epoch(self, step: int) -> int:
+    return (step - 1) // self.steps_per_epoch
+
+  def batch(self, step: int) -> np.ndarray:
+    epoch, within = divmod(step - 1, self.steps_per_epoch)
+    order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+    return order[within * self.batch_size:(within + 1) * self.batch_size]
+
+
+def _sft_examples(problems, prompt_tokens, tokenizer, end_id, max_response_tokens):
+  """(input token lists, number of prompt tokens) for problems with a solution."""
+  inputs, prompt_lengths = [], []
+  for problem, prompt in zip(problems, prompt_tokens):
+    if not problem.solution:
+      continue
+    response = tokenizer.encode(problem.solution)[: max_response_tokens - 1] + [end_id]
+    inputs.append(list(prompt) + response)
+    prompt_lengths.append(len(prompt))
+  if not inputs:
+    raise ValueError("config.sft.steps > 0 but no training problem has a reference solution.")
+  return inputs, prompt_lengths
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) [SFT then] RL on math problems and returns the summary written to summary.json."""
+  sharding.initialize_distributed(config.get("mesh"))  # Multi-host: before any JAX computation.
+  validate_config(config)
+  # Prompts split over every device; parameters and optimizer state by config.mesh.param_rules.
+  mesh = sharding.make_mesh(config.get("mesh"))
+  param_rules = sharding.MeshConfig.from_config(config.get("mesh")).param_rules
+  batch_sizes = {"rollout.prompt_chunk": config.rollout.prompt_chunk, "eval.prompt_chunk": config.eval.prompt_chunk,
+                 "rl.micro_batch_prompts": config.rl.micro_batch_prompts}
+  if config.sft.steps:
+    batch_sizes["sft.batch_size"] = config.sft.batch_size
+  sharding.check_batch_sizes(mesh, batch_sizes)
+  batch_sharding = sharding.batch_sharding(mesh)
+  os.makedirs(workdir, exist_ok=True)
+  if sharding.is_chief():  # Run files are written once; orbax coordinates the checkpoints itself.
+    run_logging.check_or_write_config(workdir, config.to_dict())
+  start_time = time.time()
+  bar = functools.partial(tqdm.tqdm, disable=not (config.progress_bar and sharding.is_chief()),
+                          dynamic_ncols=True)
+
+  # ---------------------------------------------------------------- model, tokenizer, data
+  if not sharding.is_chief():
+    sharding.barrier("synthetic_files")  # Process 0 writes synthetic checkpoints / data (if asked) first.
+  model_path = resolve_model_path(config, workdir)
+  train_problems, eval_problems = resolve_data(config, workdir)
+  if sharding.is_chief():
+    sharding.barrier("synthetic_files")
+  max_new = max(config.rollout.max_new_tokens, config.eval.max_new_tokens)
+  max_positions = config.model.max_positions or config.data.max_prompt_tokens + max(
+      max_new, config.sft.max_response_tokens if config.sft.steps else 0)
+  load_kwargs = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype or None,
+                     max_positions=max_positions)
+  # The parameters' shardings come from the rules (paths as in the TrainState, "params/..."), and every
+  # tensor is read from the checkpoint straight into its shards.
+  model_config = hf_loading.load_pretrained_config(model_path, **load_kwargs)
+  params_sharding = sharding.tree_shardings(
+      {"params": decoder.param_shapes(model_config)}, mesh, param_rules)["params"]
+  model, params = hf_loading.load_pretrained(model_path, shardings=params_sharding, **load_kwargs)
+  model_fns = decoder.DecoderFns(model.config)
+  tokenizer = tokenizer_lib.TextTokenizer.from_pretrained(model_path, tuple(config.data.extra_stop_tokens))
+  template = tokenizer_lib.ChatTemplate.from_pretrained(model_path, config.data.chat_template)
+  stop_tokens = tokenizer_lib.stop_token_ids(tokenizer, template)
+  template_kwargs = dict(config.data.template_kwargs)
+  encode = functools.partial(data_lib.encode_prompts, tokenizer=tokenizer, template=template,
+                             suffix=config.data.prompt_suffix, system_prompt=config.data.system_prompt,
+                             max_tokens=config.data.max_prompt_tokens, **template_kwargs)
+  train_tokens, kept = encode(train_problems)
+  train_problems = [train_problems[i] for i in kept]
+  eval_tokens, kept_eval = encode(eval_problems)
+  dropped = {"train": len(kept) - len(train_problems), "eval": len(eval_problems) - len(kept_eval)}
+  eval_problems = [eval_problems[i] for i in kept_eval]
+  if not eval_problems:
+    raise ValueError(f"No evaluation prompt fits data.max_prompt_tokens={config.data.max_prompt_tokens}.")
+
+  root = jax.random.key(config.seed)
+  keys = {i: jax.random.fold_in(root, i) for i in range(3)}
+  writer = sharding.ChiefOnlyWriter(run_logging.MetricsWriter(workdir))
+  verifier = math_verifier.MathVerifier(
+      answer_mode=config.verifier.answer_mode, timeout_s=config.verifier.timeout_s,
+      num_threads=config.verifier.num_threads, symbolic=config.verifier.symbolic)
+  sampler = Sampler(model_fns, tokenizer, verifier, mesh=mesh, params_sharding=params_sharding,
+                    stop_tokens=stop_tokens, pad_id=tokenizer.pad_id,
+                    prompt_bucket=config.data.prompt_bucket, max_prompt_tokens=config.data.max_prompt_tokens,
+                    zero_truncated=config.verifier.zero_truncated)
+  run_eval = functools.partial(
+      evaluate, sampler, prompt_tokens=eval_tokens, answers=[p.answer for p in eval_problems],
+      key=keys[_KEY_EVAL], num_samples=config.eval.num_samples, samples_per_call=config.eval.samples_per_call,
+      prompt_chunk=config.eval.prompt_chunk, max_new_tokens=config.eval.max_new_tokens,
+      temperature=config.eval.temperature, top_p=config.eval.top_p, ks=tuple(config.eval.ks),
+      answer_mode=config.verifier.answer_mode)
+  sft_ckpt = checkpoints.PhaseCheckpointer(workdir, "sft", config.keep_checkpoints)
+  rl_ckpt = checkpoints.PhaseCheckpointer(workdir, "rl", config.keep_checkpoints)
+  rl_resume = rl_ckpt.latest_step()
+
+  # ---------------------------------------------------------------- optional SFT warm-up
+  if config.sft.steps and rl_resume is None:
+    end_id = tokenizer.token_to_id(template.end_of_turn) if template.end_of_turn else None
+    end_id = tokenizer.eos_token_ids[0] if end_id is None else end_id
+    inputs, prompt_lengths = _sft_examples(train_problems, train_tokens, tokenizer, end_id,
+                                           config.sft.max_response_tokens)
+    width = _round_up(max(len(x) for x in inputs), config.data.prompt_bucket)
+    sft_inputs = np.full((len(inputs), width), tokenizer.pad_id, np.int32)
+    sft_mask = np.zeros((len(inputs), width), bool)
+    for row, (sequence, prompt_len) in enumerate(zip(inputs, prompt_lengths)):
+      sft_inputs[row, :len(sequence)] = sequence
+      sft_mask[row, prompt_len:len(sequence)] = True
+    sft_tx = train_steps.adamw(config.sft.learning_rate, config.rl.b1, config.rl.b2, config.rl.weight_decay,
+                               config.rl.grad_clip)
+    state, state_sharding = sharding.init_sharded(
+        lambda p: train_steps.init_state(p, sft_tx), params, mesh=mesh, rules=param_rules)
+    sft_resume = sft_ckpt.latest_step() or 0
+    if sft_resume:
+      state = sft_ckpt.restore(sft_resume, state)
+    writer.truncate(lambda r: r.get("phase") != "sft" or r.get("step", 0) <= sft_resume)
+    sft_step = train_steps.make_sft_step(model_fns, sft_tx, state_sharding=state_sharding,
+                                         batch_sharding=batch_sharding)
+    history, tick = [], time.time()
+    for step in bar(range(sft_resume + 1, config.sft.steps + 1), desc="SFT", initial=sft_resume,
+                    total=config.sft.steps):
+      rows = np.random.default_rng([config.seed, _KEY_SFT, step]).integers(0, len(inputs), config.sft.batch_size)
+      state, step_metrics = sft_step(state, {
+          "inputs": sharding.shard_global_array(sft_inputs[rows], batch_sharding),
+          "loss_mask": sharding.shard_global_array(sft_mask[rows], batch_sharding)})
+      history.append(step_metrics)
+      if step % config.log_every_steps == 0 or step == config.sft.steps:
+        writer.write(_mean_record("sft", step, history, time.time() - tick))
+        history, tick = [], time.time()
+      if step % config.checkpoint_every_steps == 0 or step == config.sft.steps:
+        sft_ckpt.save(step, state)
+    params = state.params
+    del state
+  elif rl_resume is not None:
+    writer.truncate(lambda r: r.get("phase") == "sft"
+                    or (r.get("phase") in ("rl", "eval") and r.get("step", 0) <= rl_resume))
+
+  # ---------------------------------------------------------------- RL
+  objective = config.objective
+  rl_schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, config.rl.learning_rate, max(config.rl.warmup_steps, 1)),
+       optax.constant_schedule(config.rl.learning_rate)], [max(config.rl.warmup_steps, 1)])
+  rl_tx = train_steps.adamw(rl_schedule if config.rl.warmup_steps else config.rl.learning_rate,
+                            config.rl.b1, config.rl.b2, config.rl.weight_decay, config.rl.grad_clip)
+  state, state_sharding = sharding.init_sharded(
+      lambda p: train_steps.init_state(p, rl_tx), params, mesh=mesh, rules=param_rules)
+  del params
+  if rl_resume is not None:
+    state = rl_ckpt.restore(rl_resume, state)
+  update = make_policy_update(
+      model_fns, rl_tx, advantage_fn=estimators.get_advantage_fn(objective.name, **objective_kwargs(objective)),
+      reduction=objective.reduction, entropy_coef=objective.entropy_coef,
+      micro_batch_prompts=config.rl.micro_batch_prompts, micro_batch_rollouts=config.rl.micro_batch_rollouts,
+      num_shards=sharding.num_batch_shards(mesh), state_sharding=state_sharding, batch_sharding=batch_sharding)
+
+  evals = {r["step"]: r for r in writer.read() if r.get("phase") == "eval"}
+  if 0 not in evals:
+    evals[0] = {"phase": "eval", "step": 0, **run_eval(state.params)}
+    writer.write(evals[0])
+
+  order = _EpochOrder(len(train_problems), config.rollout.num_prompts, config.seed)
+  temperature = jnp.float32(config.rollout.temperature)
+  chunk = config.rollout.prompt_chunk
+  start = rl_resume or 0
+  history, tick = [], time.time()
+  progress = bar(range(start + 1, config.rl.steps + 1), desc=f"RL ({objective.name})", initial=start,
+                 total=config.rl.steps)
+  for step in progress:
+    rows = order.batch(step)
+    prompts = sampler.pad([train_tokens[i] for i in rows])
+    answers = [train_problems[i].answer for i in rows]
+    step_key = jax.random.fold_in(keys[_KEY_RL_SAMPLING], step)
+    parts, host = [], []
+    sample_start = time.time()
+
+    def dispatch(c, prompts=prompts, step_key=step_key):
+      part = sampler.sample(state.params, _slice_prompts(prompts, c * chunk, (c + 1) * chunk),
+                            jax.random.fold_in(step_key, c), num_samples=config.rollout.num_samples,
+                            max_new_tokens=config.rollout.max_new_tokens, temperature=temperature)
+      parts.append(part)
+      return c, part
+
+    def consume(item, answers=answers):
+      c, part = item
+      host.append(sampler.host_results(part, answers[c * chunk:(c + 1) * chunk]))
+
+    _pipelined((functools.partial(dispatch, c) for c in range(len(rows) // chunk)), consume)
+    rollouts = _concat_rollouts(parts)
+    rewards = np.concatenate([h["rewards"] for h in host])
+    longest = int(max(h["lengths"].max() for h in host))
+    rollouts = _truncate_rollouts(
+        rollouts, min(config.rollout.max_new_tokens, _round_up(max(longest, 1), config.rollout.length_bucket)))
+    sample_seconds = time.time() - sample_start
+    state, step_metrics = update(state, sampler.place(prompts), rollouts,
+                                 sharding.shard_global_array(rewards, batch_sharding), temperature)
+    step_metrics = dict(step_metrics, sample_verify_s=sample_seconds,
+                        verify_s=sum(float(h["verify_seconds"]) for h in host),
+                        verify_timeouts=sum(float(h["verify_timeouts"]) for h in host))
+    history.append(step_metrics)
+    if step % config.log_every_steps == 0 or step == config.rl.steps:
+      record = _mean_record("rl", step, history, time.time() - tick, tokens_key="generated_tokens")
+      record["epoch"] = order.epoch(step)
+      writer.write(record)
+      progress.set_postfix(pass_rate=f"{record['pass_rate']:.3f}")
+      history, tick = [], time.time()
+    if step % config.eval.every_steps == 0 or step == config.rl.steps:
+      evals[step] = {"phase": "eval", "step": step, **run_eval(state.params)}
+      writer.write(evals[step])
+    if step % config.checkpoint_every_steps == 0 or step == config.rl.steps:
+      rl_ckpt.save(step, state)
+  sft_ckpt.close()
+  rl_ckpt.close()
+
+  final_step = max(evals)
+  final = {k: v for k, v in evals[final_step].items() if k not in ("phase", "step")}
+  initial = {k: v for k, v in evals[0].items() if k not in ("phase", "step")}
+  ks = list(config.eval.ks)
+  summary = {
+      "objective": objective.name,
+      "objective_kwargs": objective_kwargs(objective),
+      "eval": final,
+      "initial_eval": initial,
+      "rl_steps": final_step,
+      "model_path": model_path,
+      "num_train_problems": len(train_problems),
+      "eval_num_problems": len(eval_problems),
+      "eval_num_samples": config.eval.num_samples,
+      "dropped_long_prompts": dropped,
+      "improvement": {f"pass@{k}": final[f"pass@{k}"] - initial[f"pass@{k}"] for k in ks},
+      "wall_time_s_this_launch": time.time() - start_time,
+  }
+  if not sharding.is_chief():
+    return summary
+  run_logging.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  rows = [{"policy": "initial" + (" (after SFT)" if config.sft.steps else ""), **initial},
+          {"policy": f"after RL ({objective.name}, {final_step} steps)", **final}]
+  print(run_logging.format_table(
+      rows, ["policy"] + [f"pass@{k}" for k in ks] + [f"maj@{config.eval.num_samples}", "fraction_solved"],
+      title=f"Held-out problems ({len(eval_problems)} problems, {config.eval.num_samples} samples each, "
+            f"temperature {config.eval.temperature}, top-p {config.eval.top_p})"))
+  return summary
