@@ -1,0 +1,152 @@
+"""Shared machinery of the ablations: named runs under one workdir, resumed by name, aggregated over seeds.
+
+A run is `<workdir>/runs/<name>`; a finished run (its summary.json reports the configured number of RL
+steps) is never redone, an unfinished one resumes from its checkpoints. All RL runs of an ablation start from
+one SFT policy, trained once in `<workdir>/sft`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+from maxrl_jax import run_logging
+from maxrl_jax import train_maze
+
+
+def enable_compilation_cache(workdir: str) -> None:
+  """Reuse compiled step functions across the runs of an ablation (same shapes, new closures)."""
+  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted-key overrides ({"objective.name": "grpo", "seed": 1})."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for key, value in overrides.items():
+      node = config
+      *parents, leaf = key.split(".")
+      for part in parents:
+        node = node[part]
+      if leaf not in node:
+        raise ValueError(f"Override {key!r}: {leaf!r} is not a field of config.{'.'.join(parents) or '<root>'}.")
+      node[leaf] = value
+  return config
+
+
+def is_finished(run_dir: str, rl_steps: int) -> bool:
+  path = os.path.join(run_dir, "summary.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return json.load(f).get("rl_steps") == rl_steps
+
+
+def read_summary(run_dir: str) -> dict:
+  with open(os.path.join(run_dir, "summary.json")) as f:
+    return json.load(f)
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+  return run_logging.MetricsWriter(run_dir).read()
+
+
+def train_shared_sft(base: ml_collections.ConfigDict, workdir: str) -> str:
+  """Trains (or finds) the SFT policy every run of the ablation starts from; returns its workdir."""
+  sft_dir = os.path.join(workdir, "sft")
+  if not is_finished(sft_dir, 0):
+    print(f"[sft] {base.sft.steps} SFT steps -> {sft_dir}", flush=True)
+    train_maze.train_and_evaluate(with_overrides(base, {"rl.steps": 0}), sft_dir)
+  return sft_dir
+
+
+def run_all(base: ml_collections.ConfigDict, workdir: str, runs: Mapping[str, Mapping[str, Any]],
+            share_sft: bool = True) -> dict[str, dict]:
+  """Runs every named variant (overrides of `base`) unless finished; returns {name: summary}."""
+  enable_compilation_cache(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  sft_dir = train_shared_sft(base, workdir) if share_sft else None
+  summaries, start = {}, time.time()
+  for i, (name, overrides) in enumerate(runs.items()):
+    config = with_overrides(base, overrides)
+    if sft_dir:
+      config = with_overrides(config, {"sft.init_from": os.path.abspath(sft_dir)})
+    run_dir = os.path.join(workdir, "runs", name)
+    if is_finished(run_dir, config.rl.steps):
+      print(f"[{i + 1}/{len(runs)}] {name}: finished, skipped", flush=True)
+    else:
+      print(f"[{i + 1}/{len(runs)}] {name} ({time.time() - start:.0f} s into this launch)", flush=True)
+      train_maze.train_and_evaluate(config, run_dir)
+    summaries[name] = read_summary(run_dir)
+  return summaries
+
+
+def seed_runs(variants: Mapping[str, Mapping[str, Any]], seeds: Iterable[int]) -> dict[str, dict]:
+  """{variant/seed<s>: overrides + seed} for every variant and seed."""
+  return {f"{name}/seed{seed}": {**overrides, "seed": seed} for name, overrides in variants.items()
+          for seed in seeds}
+
+
+def aggregate(values: list[float]) -> dict[str, float]:
+  """Mean, sample std and standard error over seeds."""
+  arr = np.asarray(values, np.float64)
+  std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+  return {"mean": float(arr.mean()), "std": std, "sem": std / np.sqrt(len(arr)), "n": len(arr)}
+
+
+def eval_curves(run_dir: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(steps, values) of an eval metric over a run."""
+  records = [r for r in read_metrics(run_dir) if r.get("phase") == "eval"]
+  return np.array([r["step"] for r in records]), np.array([r[key] for r in records])
+
+
+def train_curves(run_dir: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+  records = [r for r in read_metrics(run_dir) if r.get("phase") == "rl"]
+  return np.array([r["step"] for r in records]), np.array([r[key] for r in records])
+
+
+def write_results(workdir: str, payload: dict, markdown: str) -> None:
+  run_logging.write_json_atomic(os.path.join(workdir, "results.json"), payload)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(markdown + "\n")
+  print(markdown, flush=True)
+
+
+def seed_table(summaries: Mapping[str, dict], variants: Iterable[str], seeds: Iterable[int],
+               metric_keys: list[str], label: Callable[[str], str] = str) -> tuple[list[dict], str]:
+  """Rows {variant, metric: mean ± std} over seeds, and the markdown table."""
+  rows, seeds = [], list(seeds)
+  for name in variants:
+    row = {"variant": name}
+    for key in metric_keys:
+      vals = [summaries[f"{name}/seed{s}"]["eval"][key] for s in seeds]
+      row[key] = aggregate(vals)
+    rows.append(row)
+  header = "| variant | " + " | ".join(metric_keys) + " |"
+  lines = [header, "|" + "---|" * (len(metric_keys) + 1)]
+  for row in rows:
+    cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" for k in metric_keys]
+    lines.append(f"| {label(row['variant'])} | " + " | ".join(cells) + " |")
+  return rows, "\n".join(lines)
+
+
+def flatten(overrides: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  """Nested overrides ({"objective": {"name": "grpo"}}) -> dotted ({"objective.name": "grpo"})."""
+  if isinstance(overrides, ml_collections.ConfigDict):
+    overrides = overrides.to_dict()
+  flat = {}
+  for key, value in overrides.items():
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat

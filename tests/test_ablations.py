@@ -1,0 +1,109 @@
+"""Baselines of the paper's tables (Differential Smoothing, SELF, GRPO + entropy) and the ablation runner."""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxrl_jax import estimators
+from maxrl_jax import train_steps
+from maxrl_jax.models import decoder
+from maxrl_jax.tasks import maze
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configs import maze as maze_config  # noqa: E402
+from configs import maze_objectives  # noqa: E402
+from experiments import common  # noqa: E402
+from experiments import maze_objectives as objectives_experiment  # noqa: E402
+
+
+def test_differential_smoothing_values():
+  rewards = jnp.array([[1.0, 0.0, 0.0, 1.0]])
+  lbar = jnp.array([[-0.5, -1.0, -2.0, -0.1]])
+  grpo = estimators.grpo_advantages(rewards)
+  got = estimators.apply_differential_smoothing(grpo, rewards, lbar, gamma=0.05)
+  # Correct rollouts gain -gamma * lbar (> 0), wrong ones gain gamma * lbar (< 0).
+  want = np.asarray(grpo) + 0.05 * np.array([[0.5, -1.0, -2.0, 0.1]])
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(estimators.apply_differential_smoothing(grpo, rewards, lbar, 0.0), grpo)
+
+
+def test_self_filter_zeroes_only_flagged_prompts():
+  adv = jnp.arange(8.0).reshape(2, 4) - 3.0
+  got = estimators.apply_self_filter(adv, jnp.array([True, False]))
+  np.testing.assert_array_equal(got[0], 0.0)
+  np.testing.assert_array_equal(got[1], adv[1])
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+  config = maze_config.get_config("tiny")
+  fns = decoder.DecoderFns(decoder.DecoderConfig.from_config(config.model))
+  return fns, fns.init(jax.random.key(0))
+
+
+def _one_step(tiny_model, **kwargs):
+  fns, params = tiny_model
+  tx = train_steps.adamw(1e-3, 0.9, 0.95, 0.0, 1.0)
+  step = train_steps.make_rl_step(
+      fns, tx, prompt_fn=maze.encode_prompts, verifier=maze.verify_groups,
+      advantage_fn=estimators.get_advantage_fn("grpo"), num_samples=4, max_new_tokens=12,
+      stop_tokens=(maze.DONE, maze.EOS), **kwargs)
+  state = train_steps.init_state(jax.tree_util.tree_map(jnp.copy, params), tx)
+  grids = maze.generate_mazes(jax.random.key(7), 4, 5)
+  return step(state, grids, jax.random.key(3), jnp.float32(1.0))
+
+
+def test_self_filter_with_every_greedy_decode_correct_makes_no_update(tiny_model, monkeypatch):
+  # A verifier that accepts everything: every prompt is filtered, so the gradient is exactly zero.
+  def accept_all(grids, responses):
+    return jnp.ones(responses.shape[:2], jnp.float32)
+
+  monkeypatch.setattr(maze, "verify_groups", accept_all)
+  _, metrics = _one_step(tiny_model, self_filter=True)
+  assert float(metrics["greedy_solved_fraction"]) == 1.0
+  assert float(metrics["grad_norm"]) == 0.0
+
+
+def test_entropy_bonus_and_smoothing_change_the_update(tiny_model):
+  _, plain = _one_step(tiny_model)
+  _, entropy = _one_step(tiny_model, entropy_coef=0.1)
+  _, smooth = _one_step(tiny_model, smoothing_gamma=0.05)
+  assert float(entropy["loss"]) < float(plain["loss"])  # The bonus lowers the loss by coef * entropy.
+  assert float(smooth["mean_abs_advantage"]) != float(plain["mean_abs_advantage"])
+
+
+def test_objective_comparison_runs_and_skips_finished_runs(tmp_path, capsys):
+  config = maze_objectives.get_config("tiny")
+  with config.unlocked():
+    config.variants = {k: config.variants[k] for k in ("maxrl", "self", "diff_smoothing")}
+  workdir = str(tmp_path)
+  payload = objectives_experiment.run(config, workdir)
+  assert sorted(r["variant"] for r in payload["rows"]) == ["diff_smoothing", "maxrl", "self"]
+  for name in ("results.json", "results.md", "pass_at_k.png", "training_curves.png"):
+    assert os.path.exists(os.path.join(workdir, name))
+  summary = os.path.join(workdir, "runs", "self", "seed0", "summary.json")
+  stamp = os.path.getmtime(summary)
+  # All three runs share one SFT policy.
+  for name in ("maxrl", "self"):
+    with open(os.path.join(workdir, "runs", name, "seed0", "summary.json")) as f:
+      assert json.load(f)["sft_eval"] == payload_sft(workdir)
+  capsys.readouterr()
+  objectives_experiment.run(config, workdir)
+  assert "self/seed0: finished, skipped" in capsys.readouterr().out
+  assert os.path.getmtime(summary) == stamp
+
+
+def payload_sft(workdir):
+  with open(os.path.join(workdir, "sft", "summary.json")) as f:
+    return json.load(f)["eval"]
+
+
+def test_overrides_name_unknown_fields():
+  with pytest.raises(ValueError, match="'nme' is not a field of config.objective"):
+    common.with_overrides(maze_config.get_config("tiny"), {"objective.nme": "grpo"})
