@@ -164,10 +164,14 @@ def policy_update(
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state = _apply_gradients(state, grads, tx)
+  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads),
+                     **rollout_metrics(rollouts, rewards, advantages), **aux}
+
+
+def rollout_metrics(rollouts: sampling.Rollouts, rewards: Array, advantages: Array) -> dict:
+  """On-device statistics of one RL step's rollouts: pass rate, fraction solved, lengths, advantages."""
   lengths = rollouts.lengths.astype(jnp.float32)
-  return new_state, {
-      "loss": loss,
-      "grad_norm": optax.global_norm(grads),
+  return {
       "pass_rate": jnp.mean(rewards),
       "fraction_solved": metrics_lib.fraction_solved(rewards),
       "mean_response_length": jnp.mean(lengths),
@@ -175,7 +179,6 @@ def policy_update(
       "generated_tokens": jnp.sum(lengths),
       "decode_steps": rollouts.num_steps,
       "mean_abs_advantage": jnp.mean(jnp.abs(advantages)),
-      **aux,
   }
 
 

@@ -55,10 +55,34 @@ def hardware() -> str:
           f"jax {jax.__version__}, flax {flax.__version__}")
 
 
+def partial_table(root, name):
+  """Mean ± std over the seeds finished so far, for an ablation whose run is not complete."""
+  summaries = sorted(glob.glob(os.path.join(root, name, "runs", "*", "seed*", "summary.json")))
+  by_variant = {}
+  for path in summaries:
+    variant = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    with open(path) as f:
+      by_variant.setdefault(variant, []).append(json.load(f))
+  if not by_variant:
+    return []
+  ks = sorted({int(k.split("@")[1]) for runs in by_variant.values() for k in runs[0]["eval"] if "@" in k})
+  keys = [f"pass@{k}" for k in (ks[0], ks[1], ks[-1])]
+  lines = ["| variant | seeds | " + " | ".join(keys) + " | SFT pass@1 |", "|" + "---|" * (len(keys) + 3)]
+  for variant, runs in sorted(by_variant.items()):
+    cells = []
+    for key in keys + ["sft"]:
+      vals = np.array([r["sft_eval"]["pass@1"] if key == "sft" else r["eval"][key] for r in runs])
+      cells.append(f"{vals.mean():.3f} ± {vals.std(ddof=1) if len(vals) > 1 else 0.0:.3f}")
+    lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + " |")
+  return [f"**Partial**: the run did not finish; {len(summaries)} runs are done. Mean ± std over the "
+          "finished seeds:", ""] + lines + [""]
+
+
 def section(root, name, heading, paper, figures_dir, rel_figures):
   path = os.path.join(root, name, "results.md")
   if not os.path.exists(path):
-    return [f"## {heading}", "", f"Not run (no {path}).", ""]
+    partial = partial_table(root, name)
+    return [f"## {heading}", ""] + (partial or [f"Not run (no {path})."]) + ["", paper, ""]
   with open(os.path.join(root, name, "results.json")) as f:
     payload = json.load(f)
   lines = [f"## {heading}", "", open(path).read().strip(), "", paper, ""]
@@ -120,7 +144,7 @@ def main(argv):
            f"Hardware: {hardware()}. Wall time of the whole run: {wall}.", "",
            "Every number below was measured in that run. Hyperparameters are the same for every objective "
            "(only the advantage rule changes), as in the paper. The CPU preset is far smaller than the "
-           "paper's runs (9x9 mazes, a 0.4M-parameter policy, 100-120 RL steps instead of 20K): it tests "
+           "paper's runs (9x9 mazes, a 0.5M-parameter policy, 60-100 RL steps instead of 20K): it tests "
            "the direction of each effect, not the paper's magnitudes.", ""]
   if os.path.exists(_NOTES.value):
     lines += [open(_NOTES.value).read().strip(), ""]

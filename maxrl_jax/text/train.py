@@ -298,17 +298,10 @@ def make_policy_update(model_fns, tx: optax.GradientTransformation, *, advantage
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = train_steps.TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                        opt_state=opt_state)
-    lengths = rollouts.lengths.astype(jnp.float32)
     return new_state, {
         "loss": loss,
         "grad_norm": optax.global_norm(grads),
-        "pass_rate": jnp.mean(rewards),
-        "fraction_solved": metrics_lib.fraction_solved(rewards),
-        "mean_response_length": jnp.mean(lengths),
-        "truncated_fraction": 1.0 - jnp.mean(rollouts.stopped.astype(jnp.float32)),
-        "generated_tokens": jnp.sum(lengths),
-        "decode_steps": rollouts.num_steps,
-        "mean_abs_advantage": jnp.mean(jnp.abs(advantages)),
+        **train_steps.rollout_metrics(rollouts, rewards, advantages),
         "entropy": entropy_sum / total_tokens,
         "logprob_mismatch": mismatch,
     }
