@@ -7,6 +7,9 @@ import math
 import os
 from typing import Any, Callable, Mapping
 
+import time
+
+import jax
 import numpy as np
 
 # Fields that may differ between the first launch of a run and a resumed launch on the same workdir.
@@ -125,3 +128,21 @@ def format_table(rows: list[Mapping[str, Any]], columns: list[str], title: str =
   for row in rows:
     lines.append("| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |")
   return "\n".join(lines)
+
+
+def interval_record(phase: str, step: int, history: list[Mapping[str, Any]], since: float,
+                    tokens_key: str | None = None) -> dict:
+  """Mean of the on-device metrics of the steps since the last log, with wall time per step.
+
+  The metrics are fetched first (which waits for the dispatched steps to finish), then the time since
+  `since` is taken, so step_time_s and tokens_per_s measure finished work, not just dispatch.
+  """
+  stacked = jax.device_get(list(history))
+  seconds = time.time() - since
+  record = {"phase": phase, "step": step}
+  for key in stacked[0]:
+    record[key] = float(np.mean([float(h[key]) for h in stacked]))
+  record["step_time_s"] = seconds / len(stacked)
+  if tokens_key:
+    record["tokens_per_s"] = float(sum(float(h[tokens_key]) for h in stacked)) / max(seconds, 1e-9)
+  return record

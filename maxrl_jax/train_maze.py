@@ -179,17 +179,6 @@ def evaluate(eval_fn, params, grids: jax.Array, chunk: int, key: jax.Array, num_
 # ------------------------------------------------------------------------------------------------ main job
 
 
-def _interval_record(phase, step, history, seconds, tokens_key=None):
-  stacked = jax.device_get(history)
-  record = {"phase": phase, "step": step}
-  for key in stacked[0]:
-    record[key] = float(np.mean([float(h[key]) for h in stacked]))
-  record["step_time_s"] = seconds / len(history)
-  if tokens_key:
-    record["tokens_per_s"] = float(sum(float(h[tokens_key]) for h in stacked)) / max(seconds, 1e-9)
-  return record
-
-
 def sft_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """AdamW with linear warm-up then a constant learning rate, from config.sft."""
   schedule = optax.join_schedules(
@@ -289,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state, step_metrics = sft_step(state, sft_batch(jax.random.fold_in(keys[_KEY_SFT_DATA], step)))
       history.append(step_metrics)
       if step % config.log_every_steps == 0 or step == config.sft.steps:
-        writer.write(_interval_record("sft", step, history, time.time() - tick))
+        writer.write(run_logging.interval_record("sft", step, history, tick))
         history, tick = [], time.time()
       if step % config.checkpoint_every_steps == 0 or step == config.sft.steps:
         sft_ckpt.save(step, state)
@@ -340,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      jax.random.fold_in(keys[_KEY_RL_SAMPLING], step), temperature)
     history.append(step_metrics)
     if step % config.log_every_steps == 0 or step == config.rl.steps:
-      record = _interval_record("rl", step, history, time.time() - tick, tokens_key="generated_tokens")
+      record = run_logging.interval_record("rl", step, history, tick, tokens_key="generated_tokens")
       if pool is not None:
         record["epoch"] = pool.epoch(step)
       writer.write(record)

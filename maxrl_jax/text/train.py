@@ -440,17 +440,6 @@ def evaluate(sampler: Sampler, params, prompt_tokens: Sequence[Sequence[int]], a
 # ------------------------------------------------------------------------------------------------ main job
 
 
-def _mean_record(phase: str, step: int, history: list[dict], seconds: float, tokens_key: str | None = None):
-  stacked = jax.device_get(history)
-  record = {"phase": phase, "step": step}
-  for key in stacked[0]:
-    record[key] = float(np.mean([float(h[key]) for h in stacked]))
-  record["step_time_s"] = seconds / len(history)
-  if tokens_key:
-    record["tokens_per_s"] = float(sum(float(h[tokens_key]) for h in stacked)) / max(seconds, 1e-9)
-  return record
-
-
 class _EpochOrder:
   """Epoch-shuffled batches of prompt indices; the permutation of epoch e depends on (seed, e) only."""
 
@@ -588,7 +577,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "loss_mask": sharding.shard_global_array(sft_mask[rows], batch_sharding)})
       history.append(step_metrics)
       if step % config.log_every_steps == 0 or step == config.sft.steps:
-        writer.write(_mean_record("sft", step, history, time.time() - tick))
+        writer.write(run_logging.interval_record("sft", step, history, tick))
         history, tick = [], time.time()
       if step % config.checkpoint_every_steps == 0 or step == config.sft.steps:
         sft_ckpt.save(step, state)
@@ -661,7 +650,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         verify_timeouts=sum(float(h["verify_timeouts"]) for h in host))
     history.append(step_metrics)
     if step % config.log_every_steps == 0 or step == config.rl.steps:
-      record = _mean_record("rl", step, history, time.time() - tick, tokens_key="generated_tokens")
+      record = run_logging.interval_record("rl", step, history, tick, tokens_key="generated_tokens")
       record["epoch"] = order.epoch(step)
       writer.write(record)
       progress.set_postfix(pass_rate=f"{record['pass_rate']:.3f}")
