@@ -281,7 +281,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write(run_logging.interval_record("sft", step, history, tick))
         history, tick = [], time.time()
       if step % config.checkpoint_every_steps == 0 or step == config.sft.steps:
+        pause = time.time()
         sft_ckpt.save(step, state)
+        tick += time.time() - pause  # Step times exclude checkpointing.
     sft_params = state.params
   else:
     writer.truncate(lambda r: r.get("phase") == "sft"
@@ -335,11 +337,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.write(record)
       progress.set_postfix(pass_rate=f"{record['pass_rate']:.3f}")
       history, tick = [], time.time()
+    pause = time.time()
     if step % config.eval.every_steps == 0 or step == config.rl.steps:
       evals[step] = {"phase": "eval", "step": step, **run_eval(rl_state.params)}
       writer.write(evals[step])
     if step % config.checkpoint_every_steps == 0 or step == config.rl.steps:
       rl_ckpt.save(step, rl_state)
+    tick += time.time() - pause  # Step times exclude evaluation and checkpointing.
   sft_ckpt.close()
   rl_ckpt.close()
 

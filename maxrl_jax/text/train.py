@@ -655,11 +655,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.write(record)
       progress.set_postfix(pass_rate=f"{record['pass_rate']:.3f}")
       history, tick = [], time.time()
+    pause = time.time()
     if step % config.eval.every_steps == 0 or step == config.rl.steps:
       evals[step] = {"phase": "eval", "step": step, **run_eval(state.params)}
       writer.write(evals[step])
     if step % config.checkpoint_every_steps == 0 or step == config.rl.steps:
       rl_ckpt.save(step, state)
+    tick += time.time() - pause  # Step times exclude evaluation and checkpointing.
   sft_ckpt.close()
   rl_ckpt.close()
 
