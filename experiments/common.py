@@ -150,3 +150,23 @@ def flatten(overrides: Mapping[str, Any] | ml_collections.ConfigDict, prefix: st
     else:
       flat[f"{prefix}{key}"] = value
   return flat
+
+
+def launch(run: Callable[[ml_collections.ConfigDict, str], Any], default_config: str) -> None:
+  """The command line of an ablation module: --config (a config file) and --workdir, then run(config, workdir).
+
+  Flags are defined here, when a module runs as a script, not at import, so that tests and other code can
+  import several experiment modules at once.
+  """
+  from absl import app, flags, logging
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", default_config, "Ablation config.")
+  flags.DEFINE_string("workdir", None, "Where the runs, results and plots go.", required=True)
+
+  def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+  app.run(main)

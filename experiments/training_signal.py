@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -22,7 +21,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
@@ -127,14 +125,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return payload
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  # Flags are defined here, not at import, so that tests can import several experiment modules.
-  config_flags.DEFINE_config_file("config", "configs/training_signal.py:cpu", "Analysis config.")
-  flags.DEFINE_string("workdir", None, "Where the results and plots go.", required=True)
-  app.run(main)
+  common.launch(run, "configs/training_signal.py:cpu")
