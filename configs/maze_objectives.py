@@ -44,4 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "self": {"objective": {"name": "grpo", "self_filter": True}},
       "maclaurin": {"objective": {"name": "maclaurin", "order": maclaurin_order}},
   })
+  # Order of the tables and plots (a ConfigDict lists its keys alphabetically): MaxRL, then the paper's
+  # baselines. Every variant appears once.
+  cfg.variant_order = ("maxrl", "grpo", "grpo_entropy", "rloo", "pkpo", "diff_smoothing", "self", "maclaurin")
   return cfg

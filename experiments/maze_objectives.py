@@ -59,7 +59,10 @@ def plot_training(workdir, variants, seeds, path, keys=("pass_rate", "fraction_s
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  variants = list(config.variants.keys())
+  variants = list(config.variant_order)
+  if sorted(variants) != sorted(config.variants.keys()):
+    raise ValueError(f"config.variant_order={tuple(variants)} must list each of config.variants once: "
+                     f"{sorted(config.variants.keys())}.")
   seeds = list(config.seeds)
   runs = common.seed_runs({n: common.flatten(config.variants[n]) for n in variants}, seeds)
   summaries = common.run_all(config.base, workdir, runs)

@@ -71,7 +71,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # 1. Fraction solved during training, per objective (mean over seeds).
   runs_dir = os.path.join(src, "runs")
-  variants = sorted(os.listdir(runs_dir))
+  with open(os.path.join(src, "results.json")) as f:
+    listed = [row["variant"] for row in json.load(f)["rows"]]  # the objective table's order
+  variants = [v for v in listed if os.path.isdir(os.path.join(runs_dir, v))]
   fig, ax = plt.subplots(figsize=(7, 4.2))
   solved = {}
   for name in variants:

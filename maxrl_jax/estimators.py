@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -242,7 +242,7 @@ def _dense(name: str, rewards: Array, **kwargs) -> Array:
   kwargs = _check_kwargs(name, kwargs)
   rewards = jnp.asarray(rewards)
   if rewards.ndim < 1:
-    raise ValueError(f"rewards must have shape [..., N] with the group on the last axis, got a scalar.")
+    raise ValueError("rewards must have shape [..., N] with the group on the last axis, got a scalar.")
   _check_group_size(name, rewards.shape[-1], kwargs)
   _check_binary(name, rewards)
   r = rewards.astype(_float_dtype(rewards))
@@ -451,6 +451,20 @@ def get_advantage_fn(name: str, **kwargs) -> AdvantageFn:
   advantage_fn.__name__ = f"{name}_advantages"
   advantage_fn.__doc__ = f"{name} advantages with {kwargs}; unbiased for {ADVANTAGE_ESTIMATORS[name].unbiased_for}."
   return advantage_fn
+
+
+def kwargs_from_config(objective: Mapping[str, Any]) -> dict[str, Any]:
+  """The keyword arguments of `get_advantage_fn(objective["name"], ...)` that a config's objective block sets.
+
+  A config's `objective` holds the fields of every estimator (order, k, eps, ...); only those the named
+  estimator takes, and that are not None, are passed. An unknown name raises a ValueError listing the
+  registered ones.
+  """
+  allowed = ADVANTAGE_ESTIMATORS.get(objective["name"])
+  if allowed is None:
+    raise ValueError(f"config.objective.name={objective['name']!r} is not an estimator; allowed: "
+                     f"{sorted(ADVANTAGE_ESTIMATORS)}.")
+  return {k: objective[k] for k in allowed.kwargs if k in objective and objective[k] is not None}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +32,7 @@ from maxrl_jax import metrics as metrics_lib
 from maxrl_jax import run_logging
 from maxrl_jax import sharding
 from maxrl_jax import train_steps
+from maxrl_jax import training_loop
 from maxrl_jax.models import decoder
 from maxrl_jax.tasks import maze
 from maxrl_jax.tasks import maze_dataset
@@ -43,15 +43,6 @@ STOP_TOKENS = (maze.DONE, maze.EOS)
 
 
 # ------------------------------------------------------------------------------------------------ config
-
-
-def objective_kwargs(objective: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The keyword arguments of `estimators.get_advantage_fn` that config.objective sets for its estimator."""
-  allowed = estimators.ADVANTAGE_ESTIMATORS.get(objective.name)
-  if allowed is None:
-    raise ValueError(f"config.objective.name={objective.name!r} is not an estimator; allowed: "
-                     f"{sorted(estimators.ADVANTAGE_ESTIMATORS)}.")
-  return {k: objective[k] for k in allowed.kwargs if k in objective and objective[k] is not None}
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -87,7 +78,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       fail(field, f"{config[group][name]!r} must be > 0.")
 
   # The objective: a registered estimator whose constraints hold at this group size.
-  kwargs = objective_kwargs(config.objective)
+  kwargs = estimators.kwargs_from_config(config.objective)
   try:
     estimators.get_advantage_fn(config.objective.name, **kwargs)(
         jnp.zeros((1, config.rollout.num_samples), jnp.float32))
@@ -272,18 +263,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sft_step = train_steps.make_sft_step(model_fns, sft_tx, state_sharding=state_sharding,
                                          batch_sharding=batch_sharding)
     sft_batch = _sft_batch_fn(config, batch_sharding)
-    history, tick = [], time.time()
-    for step in bar(range(sft_resume + 1, config.sft.steps + 1), desc="SFT", initial=sft_resume,
-                    total=config.sft.steps):
-      state, step_metrics = sft_step(state, sft_batch(jax.random.fold_in(keys[_KEY_SFT_DATA], step)))
-      history.append(step_metrics)
-      if step % config.log_every_steps == 0 or step == config.sft.steps:
-        writer.write(run_logging.interval_record("sft", step, history, tick))
-        history, tick = [], time.time()
-      if step % config.checkpoint_every_steps == 0 or step == config.sft.steps:
-        pause = time.time()
-        sft_ckpt.save(step, state)
-        tick += time.time() - pause  # Step times exclude checkpointing.
+    state = training_loop.run_phase(
+        "sft", state, lambda s, step: sft_step(s, sft_batch(jax.random.fold_in(keys[_KEY_SFT_DATA], step))),
+        start=sft_resume, end=config.sft.steps, writer=writer, save=sft_ckpt.save,
+        log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
+        progress=functools.partial(bar, desc="SFT"))
     sft_params = state.params
   else:
     writer.truncate(lambda r: r.get("phase") == "sft"
@@ -301,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rl_state = rl_ckpt.restore(rl_resume, rl_state)
   rl_step = train_steps.make_rl_step(
       model_fns, rl_tx, prompt_fn=maze.encode_prompts, verifier=maze.verify_groups,
-      advantage_fn=estimators.get_advantage_fn(objective.name, **objective_kwargs(objective)),
+      advantage_fn=estimators.get_advantage_fn(objective.name, **estimators.kwargs_from_config(objective)),
       num_samples=config.rollout.num_samples, max_new_tokens=config.rollout.max_new_tokens,
       stop_tokens=STOP_TOKENS, reduction=objective.reduction, entropy_coef=objective.entropy_coef,
       smoothing_gamma=objective.smoothing_gamma, self_filter=objective.self_filter,
@@ -322,28 +306,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     next_grids = lambda step: fresh(jax.random.fold_in(keys[_KEY_RL_DATA], step))
 
   temperature = jnp.float32(config.rollout.temperature)
-  start = rl_resume or 0
-  history, tick = [], time.time()
-  progress = bar(range(start + 1, config.rl.steps + 1), desc=f"RL ({objective.name})", initial=start,
-                 total=config.rl.steps)
-  for step in progress:
-    rl_state, step_metrics = rl_step(rl_state, next_grids(step),
-                                     jax.random.fold_in(keys[_KEY_RL_SAMPLING], step), temperature)
-    history.append(step_metrics)
-    if step % config.log_every_steps == 0 or step == config.rl.steps:
-      record = run_logging.interval_record("rl", step, history, tick, tokens_key="generated_tokens")
-      if pool is not None:
-        record["epoch"] = pool.epoch(step)
-      writer.write(record)
-      progress.set_postfix(pass_rate=f"{record['pass_rate']:.3f}")
-      history, tick = [], time.time()
-    pause = time.time()
-    if step % config.eval.every_steps == 0 or step == config.rl.steps:
-      evals[step] = {"phase": "eval", "step": step, **run_eval(rl_state.params)}
-      writer.write(evals[step])
-    if step % config.checkpoint_every_steps == 0 or step == config.rl.steps:
-      rl_ckpt.save(step, rl_state)
-    tick += time.time() - pause  # Step times exclude evaluation and checkpointing.
+
+  def annotate(record, step):
+    if pool is not None:
+      record["epoch"] = pool.epoch(step)
+
+  rl_state = training_loop.run_phase(
+      "rl", rl_state,
+      lambda s, step: rl_step(s, next_grids(step), jax.random.fold_in(keys[_KEY_RL_SAMPLING], step), temperature),
+      start=rl_resume or 0, end=config.rl.steps, writer=writer, save=rl_ckpt.save,
+      log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
+      progress=functools.partial(bar, desc=f"RL ({objective.name})"), evaluate=run_eval,
+      eval_every=config.eval.every_steps, evals=evals, tokens_key="generated_tokens", annotate=annotate)
   sft_ckpt.close()
   rl_ckpt.close()
 
@@ -353,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ks = list(config.eval.ks)
   summary = {
       "objective": objective.name,
-      "objective_kwargs": objective_kwargs(objective),
+      "objective_kwargs": estimators.kwargs_from_config(objective),
       "eval": final,
       "sft_eval": after_sft,
       "rl_steps": final_step,

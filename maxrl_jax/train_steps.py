@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from maxrl_jax import estimators
 from maxrl_jax import metrics as metrics_lib
 from maxrl_jax import sampling
+from maxrl_jax import sharding
 
 Array = jax.Array
 PyTree = Any
@@ -121,11 +122,14 @@ def policy_update(
     entropy_coef: float = 0.0,
     smoothing_gamma: float = 0.0,
     zero_prompts: Array | None = None,
+    micro_batch_prompts: int | None = None,
+    micro_batch_rollouts: int | None = None,
+    num_shards: int = 1,
 ) -> tuple[TrainState, dict]:
   """One policy-gradient update from verified rollouts (pure; jit it or call it inside a jitted step).
 
   Args:
-    prompts: [P, L] int, the prompts the rollouts continue.
+    prompts: [P, L] int (or left-padded `sampling.PaddedPrompts`), the prompts the rollouts continue.
     rollouts: `sampling.Rollouts` with [P, N, M] tokens / logprobs / mask, sampled from `state.params`.
     rewards: [P, N] verifier rewards.
     temperature: the sampling temperature (log-probs are those of logits / temperature).
@@ -136,6 +140,15 @@ def policy_update(
       rollout i under the sampling policy.
     zero_prompts: optional [P] bool; the advantages of these prompts are set to 0 (SELF: prompts whose
       greedy decode is already correct).
+    micro_batch_prompts, micro_batch_rollouts: optional gradient accumulation (static). Advantages always
+      come from the full groups; the gradient is then summed (lax.scan) over micro-batches of
+      micro_batch_prompts prompts x micro_batch_rollouts rollouts, each weighted by its share of the
+      reduction's denominator (rollouts, or tokens for token_mean), so the update equals the single-batch
+      one up to float round-off while only one micro-batch's activations are alive at a time. None (or the
+      full size) for both: one batch.
+    num_shards: with micro-batches and prompts split over `num_shards` devices in contiguous blocks,
+      micro-batch g takes micro_batch_prompts / num_shards prompts from every block, so each micro-batch is
+      spread over all devices without moving data.
 
   Returns:
     (new state, metrics): loss, grad_norm, pass_rate, fraction_solved, response lengths, entropy, and
@@ -148,24 +161,77 @@ def policy_update(
     advantages = estimators.apply_differential_smoothing(advantages, rewards, mean_logprob, smoothing_gamma)
   if zero_prompts is not None:
     advantages = estimators.apply_self_filter(advantages, zero_prompts)
+  total_tokens = jnp.maximum(jnp.sum(rollouts.mask.astype(jnp.float32)), 1.0)
 
-  def loss_fn(params):
+  def rollout_loss(params, batch_prompts, tokens, mask, sampled_logprobs, batch_advantages):
+    """(loss over these rollouts, (sum of their token entropies, largest log-prob mismatch))."""
     logprobs, entropy = sampling.sequence_logprobs_shared_prefix(
-        model_fns, params, prompts, rollouts.tokens, temperature=temperature, with_entropy=True)
+        model_fns, params, batch_prompts, tokens, temperature=temperature, with_entropy=True)
     loss = estimators.policy_gradient_loss(
-        logprobs, rollouts.mask, advantages, reduction=reduction, entropy=entropy,
-        entropy_coef=entropy_coef)
-    mask = rollouts.mask.astype(jnp.float32)
+        logprobs, mask, batch_advantages, reduction=reduction, entropy=entropy, entropy_coef=entropy_coef)
+    fmask = mask.astype(jnp.float32)
     # On-policy check: teacher-forced log-probs of the sampled tokens equal the sampler's up to
     # round-off; a large value means sampler and learner disagree (a cache or dtype problem).
-    mismatch = jnp.max(jnp.abs(jax.lax.stop_gradient(logprobs) - rollouts.logprobs) * mask)
-    return loss, {"entropy": jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1.0),
-                  "logprob_mismatch": mismatch}
+    mismatch = jnp.max(jnp.abs(jax.lax.stop_gradient(logprobs) - sampled_logprobs) * fmask)
+    return loss, (jnp.sum(entropy * fmask), mismatch)
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  num_prompts, num_samples = rewards.shape
+  cp, cn = micro_batch_prompts or num_prompts, micro_batch_rollouts or num_samples
+  if num_prompts % cp or num_samples % cn or cp % num_shards:
+    raise ValueError(f"micro_batch_prompts={cp} must divide the {num_prompts} prompts and be a multiple of "
+                     f"num_shards={num_shards}; micro_batch_rollouts={cn} must divide N={num_samples}.")
+  if (cp, cn) == (num_prompts, num_samples):
+    (loss, (entropy_sum, mismatch)), grads = jax.value_and_grad(rollout_loss, has_aux=True)(
+        state.params, prompts, rollouts.tokens, rollouts.mask, rollouts.logprobs, advantages)
+  else:
+    loss, entropy_sum, mismatch, grads = _accumulate_micro_batches(
+        rollout_loss, state.params, prompts, rollouts, advantages, cp, cn, num_shards, reduction, total_tokens)
   new_state = _apply_gradients(state, grads, tx)
   return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads),
-                     **rollout_metrics(rollouts, rewards, advantages), **aux}
+                     **rollout_metrics(rollouts, rewards, advantages), "entropy": entropy_sum / total_tokens,
+                     "logprob_mismatch": mismatch}
+
+
+def _accumulate_micro_batches(rollout_loss, params, prompts, rollouts, advantages, cp, cn, num_shards,
+                              reduction, total_tokens):
+  """Sums `rollout_loss`'s gradient over micro-batches of cp prompts x cn rollouts (see policy_update)."""
+  num_prompts, num_samples = advantages.shape
+  gp, gn = num_prompts // cp, num_samples // cn
+  local = cp // num_shards  # prompts of a micro-batch in each shard's block
+
+  def split_prompt_axis(x):  # [P, ...] -> [gp, cp, ...]; micro-batch g: rows d P/D + g local + j
+    x = x.reshape(num_shards, gp, local, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape(gp, cp, *x.shape[3:])
+
+  def split(x):  # [P, N, ...] -> [gp * gn, cp, cn, ...]
+    trailing = x.shape[2:]
+    x = split_prompt_axis(x).reshape(gp, cp, gn, cn, *trailing)
+    return jnp.swapaxes(x, 1, 2).reshape(gp * gn, cp, cn, *trailing)
+
+  def split_prompts(x):  # [P, ...] -> [gp * gn, cp, ...] (each prompt block repeated for its gn groups)
+    x = split_prompt_axis(x)
+    return jnp.broadcast_to(x[:, None], (gp, gn, *x.shape[1:])).reshape(gp * gn, *x.shape[1:])
+
+  batches = (jax.tree_util.tree_map(split_prompts, prompts), split(rollouts.tokens), split(rollouts.mask),
+             split(rollouts.logprobs), split(advantages))
+
+  def weighted_loss(p, batch):
+    loss, aux = rollout_loss(p, *batch)
+    mask = batch[2]
+    weight = jnp.sum(mask.astype(jnp.float32)) / total_tokens if reduction == "token_mean" else 1.0 / (gp * gn)
+    return loss * weight, aux
+
+  def body(carry, batch):
+    grads_acc, loss_acc, entropy_acc, mismatch_acc = carry
+    (loss, (entropy_sum, mismatch)), grads = jax.value_and_grad(weighted_loss, has_aux=True)(params, batch)
+    grads_acc = jax.tree_util.tree_map(lambda a, g: a + g.astype(a.dtype), grads_acc, grads)
+    return (grads_acc, loss_acc + loss, entropy_acc + entropy_sum, jnp.maximum(mismatch_acc, mismatch)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  init = (jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params), zero, zero, zero)
+  (grads, loss, entropy_sum, mismatch), _ = jax.lax.scan(body, init, batches)
+  grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
+  return loss, entropy_sum, mismatch, grads
 
 
 def rollout_metrics(rollouts: sampling.Rollouts, rewards: Array, advantages: Array) -> dict:
@@ -197,6 +263,8 @@ def make_rl_step(
     pad_id: int = 0,
     smoothing_gamma: float = 0.0,
     self_filter: bool = False,
+    micro_batch_prompts: int | None = None,
+    micro_batch_rollouts: int | None = None,
     state_sharding: PyTree | None = None,
     batch_sharding: NamedSharding | None = None,
 ):
@@ -213,6 +281,8 @@ def make_rl_step(
     smoothing_gamma: Differential Smoothing's gamma (0 disables), see `policy_update`.
     self_filter: SELF: decode each prompt greedily with the same sampler and zero the advantages of
       prompts whose greedy decode the verifier accepts.
+    micro_batch_prompts, micro_batch_rollouts: gradient accumulation over micro-batches (see
+      `policy_update`); None: the update's forward/backward runs on all P x N rollouts at once.
     state_sharding, batch_sharding: optional; as in `make_sft_step` (tasks, prompts and rollouts are split
       over prompts, rng and temperature replicated).
 
@@ -220,6 +290,8 @@ def make_rl_step(
   `policy_update`). For a verifier that runs on the host, call `sampling.sample_rollouts`, verify, then a
   jitted `policy_update`.
   """
+
+  num_shards = 1 if batch_sharding is None else sharding.num_batch_shards(batch_sharding.mesh)
 
   def rl_step(state: TrainState, tasks: Array, rng: Array, temperature: Array):
     prompts = prompt_fn(tasks)
@@ -236,7 +308,8 @@ def make_rl_step(
     new_state, step_metrics = policy_update(
         model_fns, tx, state, prompts, rollouts, rewards, temperature, advantage_fn=advantage_fn,
         reduction=reduction, entropy_coef=entropy_coef, smoothing_gamma=smoothing_gamma,
-        zero_prompts=zero_prompts)
+        zero_prompts=zero_prompts, micro_batch_prompts=micro_batch_prompts,
+        micro_batch_rollouts=micro_batch_rollouts, num_shards=num_shards)
     if self_filter:
       step_metrics["greedy_solved_fraction"] = jnp.mean(zero_prompts.astype(jnp.float32))
     return new_state, step_metrics

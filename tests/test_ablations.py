@@ -7,9 +7,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from maxrl_jax import estimators
+from maxrl_jax import sampling
 from maxrl_jax import train_steps
 from maxrl_jax.models import decoder
 from maxrl_jax.tasks import maze
@@ -82,9 +84,13 @@ def test_objective_comparison_runs_and_skips_finished_runs(tmp_path, capsys):
   config = maze_objectives.get_config("tiny")
   with config.unlocked():
     config.variants = {k: config.variants[k] for k in ("maxrl", "self", "diff_smoothing")}
+    config.variant_order = ("maxrl", "diff_smoothing")
   workdir = str(tmp_path)
+  with pytest.raises(ValueError, match="variant_order=.* must list each of config.variants once"):
+    objectives_experiment.run(config, workdir)
+  config.variant_order = ("self", "maxrl", "diff_smoothing")
   payload = objectives_experiment.run(config, workdir)
-  assert sorted(r["variant"] for r in payload["rows"]) == ["diff_smoothing", "maxrl", "self"]
+  assert [r["variant"] for r in payload["rows"]] == ["self", "maxrl", "diff_smoothing"]  # the given order
   for name in ("results.json", "results.md", "pass_at_k.png", "training_curves.png"):
     assert os.path.exists(os.path.join(workdir, name))
   summary = os.path.join(workdir, "runs", "self", "seed0", "summary.json")
@@ -107,3 +113,47 @@ def payload_sft(workdir):
 def test_overrides_name_unknown_fields():
   with pytest.raises(ValueError, match="'nme' is not a field of config.objective"):
     common.with_overrides(maze_config.get_config("tiny"), {"objective.nme": "grpo"})
+
+
+@pytest.mark.parametrize("reduction", ["sequence_sum", "token_mean"])
+def test_micro_batched_update_equals_one_batch_with_smoothing_and_self(tiny_model, reduction):
+  # Advantages come from the full groups (Differential Smoothing and the SELF filter included), so
+  # accumulating over 2 x 2 micro-batches gives the one-batch update up to float round-off.
+  fns, params = tiny_model
+  # Plain SGD with rate 1, so the parameter change is the gradient itself (Adam's first step is about
+  # lr * sign(g), which turns round-off in near-zero gradient entries into lr-sized differences).
+  tx = optax.sgd(1.0)
+  grids = maze.generate_mazes(jax.random.key(7), 4, 5)
+  prompts = maze.encode_prompts(grids)
+  rollouts = jax.jit(lambda p: sampling.sample_rollouts(
+      fns, p, prompts, jax.random.key(1), num_rollouts=4, max_new_tokens=12,
+      stop_tokens=(maze.DONE, maze.EOS)))(params)
+  rewards = jnp.asarray([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 0], [0, 1, 0, 0]], jnp.float32)
+  kwargs = dict(advantage_fn=estimators.get_advantage_fn("grpo"), reduction=reduction, entropy_coef=0.01,
+                smoothing_gamma=0.05, zero_prompts=jnp.array([False, False, True, False]))
+
+  def update(micro):
+    state = train_steps.init_state(jax.tree_util.tree_map(jnp.copy, params), tx)
+    return jax.jit(lambda s: train_steps.policy_update(
+        fns, tx, s, prompts, rollouts, rewards, jnp.float32(1.0), **micro, **kwargs))(state)
+
+  state_a, metrics_a = update({})
+  state_b, metrics_b = update({"micro_batch_prompts": 2, "micro_batch_rollouts": 2})
+  assert float(metrics_a["grad_norm"]) > 0
+  for key in ("loss", "grad_norm", "entropy", "mean_abs_advantage"):
+    np.testing.assert_allclose(metrics_a[key], metrics_b[key], rtol=2e-5, atol=1e-6, err_msg=key)
+  jax.tree_util.tree_map(lambda p, a, b: np.testing.assert_allclose(a - p, b - p, rtol=2e-5, atol=1e-6),
+                         params, state_a.params, state_b.params)
+
+
+def test_micro_batches_must_divide_the_batch(tiny_model):
+  fns, params = tiny_model
+  tx = train_steps.adamw(1e-2, 0.9, 0.95, 0.0, 1.0)
+  prompts = maze.encode_prompts(maze.generate_mazes(jax.random.key(7), 4, 5))
+  rollouts = sampling.Rollouts(tokens=jnp.zeros((4, 4, 3), jnp.int32), logprobs=jnp.zeros((4, 4, 3)),
+                               mask=jnp.ones((4, 4, 3), bool), lengths=jnp.full((4, 4), 3),
+                               stopped=jnp.ones((4, 4), bool), num_steps=jnp.int32(3))
+  with pytest.raises(ValueError, match="micro_batch_rollouts=3 must divide N=4"):
+    train_steps.policy_update(fns, tx, train_steps.init_state(params, tx), prompts, rollouts,
+                              jnp.zeros((4, 4)), jnp.float32(1.0),
+                              advantage_fn=estimators.get_advantage_fn("grpo"), micro_batch_rollouts=3)

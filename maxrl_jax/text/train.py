@@ -47,6 +47,7 @@ from maxrl_jax import run_logging
 from maxrl_jax import sampling
 from maxrl_jax import sharding
 from maxrl_jax import train_steps
+from maxrl_jax import training_loop
 from maxrl_jax.models import decoder
 from maxrl_jax.models import hf_loading
 from maxrl_jax.text import data as data_lib
@@ -59,15 +60,6 @@ _KEY_SFT, _KEY_RL_SAMPLING, _KEY_EVAL = range(3)
 
 
 # ------------------------------------------------------------------------------------------------ config
-
-
-def objective_kwargs(objective: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The keyword arguments of `estimators.get_advantage_fn` that config.objective sets for its estimator."""
-  allowed = estimators.ADVANTAGE_ESTIMATORS.get(objective.name)
-  if allowed is None:
-    raise ValueError(f"config.objective.name={objective.name!r} is not an estimator; allowed: "
-                     f"{sorted(estimators.ADVANTAGE_ESTIMATORS)}.")
-  return {k: objective[k] for k in allowed.kwargs if k in objective and objective[k] is not None}
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -127,7 +119,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for k in config.eval.ks:
     if not 1 <= k <= config.eval.num_samples:
       fail("eval.ks", f"k={k} must be in [1, eval.num_samples={config.eval.num_samples}].")
-  kwargs = objective_kwargs(config.objective)
+  kwargs = estimators.kwargs_from_config(config.objective)
   try:
     estimators.get_advantage_fn(config.objective.name, **kwargs)(
         jnp.zeros((1, config.rollout.num_samples), jnp.float32))
@@ -232,79 +224,17 @@ def make_policy_update(model_fns, tx: optax.GradientTransformation, *, advantage
                        state_sharding: Any = None, batch_sharding: Any = None):
   """Jitted `update(state, prompts, rollouts, rewards, temperature) -> (state, metrics)` (state donated).
 
-  Without micro-batches (or when they cover the whole batch) it is `train_steps.policy_update`. Otherwise
-  advantages are computed from the full groups, then the gradient is accumulated (lax.scan) over
-  micro-batches of `micro_batch_prompts` prompts x `micro_batch_rollouts` rollouts, each weighted by its
-  share of the reduction's denominator (rollouts, or tokens for token_mean), so the update equals the
-  single-batch one up to float round-off while only one micro-batch's activations are alive at a time.
-
-  Sharded (prompts split in `num_shards` contiguous blocks, one per batch shard): micro-batch g takes
-  micro_batch_prompts / num_shards prompts from every block, so each micro-batch is spread over all
-  devices without moving data. With `state_sharding` and `batch_sharding` the update is jitted with those
+  It is `train_steps.policy_update` for rollouts verified on the host, with its gradient accumulation over
+  micro-batches of `micro_batch_prompts` prompts x `micro_batch_rollouts` rollouts (None: one batch) and
+  `num_shards` batch shards. With `state_sharding` and `batch_sharding` the update is jitted with those
   in/out shardings (prompts, rollouts and rewards split over prompts; temperature and metrics replicated).
   """
 
   def update(state, prompts, rollouts, rewards, temperature):
-    num_prompts, num_samples = rewards.shape
-    cp = micro_batch_prompts or num_prompts
-    cn = micro_batch_rollouts or num_samples
-    if cp == num_prompts and cn == num_samples:
-      return train_steps.policy_update(model_fns, tx, state, prompts, rollouts, rewards, temperature,
-                                       advantage_fn=advantage_fn, reduction=reduction,
-                                       entropy_coef=entropy_coef)
-    advantages = advantage_fn(rewards)
-    gp, gn = num_prompts // cp, num_samples // cn
-    local = cp // num_shards  # prompts of a micro-batch in each shard's block
-
-    def split_prompt_axis(x):  # [P, ...] -> [gp, cp, ...]; micro-batch g: rows d P/D + g local + j
-      x = x.reshape(num_shards, gp, local, *x.shape[1:])
-      return jnp.swapaxes(x, 0, 1).reshape(gp, cp, *x.shape[3:])
-
-    def split(x):  # [P, N, ...] -> [gp * gn, cp, cn, ...]
-      trailing = x.shape[2:]
-      x = split_prompt_axis(x).reshape(gp, cp, gn, cn, *trailing)
-      return jnp.swapaxes(x, 1, 2).reshape(gp * gn, cp, cn, *trailing)
-
-    def split_prompts(x):  # [P, ...] -> [gp * gn, cp, ...]
-      x = split_prompt_axis(x)
-      return jnp.broadcast_to(x[:, None], (gp, gn, *x.shape[1:])).reshape(gp * gn, *x.shape[1:])
-
-    mask = rollouts.mask
-    total_tokens = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
-    batches = (jax.tree_util.tree_map(split_prompts, prompts), split(rollouts.tokens), split(mask),
-               split(rollouts.logprobs), split(advantages))
-
-    def micro_loss(params, batch):
-      mb_prompts, tokens, mb_mask, sampled_logprobs, mb_advantages = batch
-      logprobs, entropy = sampling.sequence_logprobs_shared_prefix(
-          model_fns, params, mb_prompts, tokens, temperature=temperature, with_entropy=True)
-      loss = estimators.policy_gradient_loss(logprobs, mb_mask, mb_advantages, reduction=reduction,
-                                             entropy=entropy, entropy_coef=entropy_coef)
-      fmask = mb_mask.astype(jnp.float32)
-      weight = jnp.sum(fmask) / total_tokens if reduction == "token_mean" else 1.0 / (gp * gn)
-      mismatch = jnp.max(jnp.abs(jax.lax.stop_gradient(logprobs) - sampled_logprobs) * fmask)
-      return loss * weight, (jnp.sum(entropy * fmask), mismatch)
-
-    def body(carry, batch):
-      grads_acc, loss_acc, entropy_acc, mismatch_acc = carry
-      (loss, (entropy_sum, mismatch)), grads = jax.value_and_grad(micro_loss, has_aux=True)(state.params, batch)
-      grads_acc = jax.tree_util.tree_map(lambda a, g: a + g.astype(a.dtype), grads_acc, grads)
-      return (grads_acc, loss_acc + loss, entropy_acc + entropy_sum, jnp.maximum(mismatch_acc, mismatch)), None
-
-    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grads, loss, entropy_sum, mismatch), _ = jax.lax.scan(body, init, batches)
-    grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = train_steps.TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                       opt_state=opt_state)
-    return new_state, {
-        "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        **train_steps.rollout_metrics(rollouts, rewards, advantages),
-        "entropy": entropy_sum / total_tokens,
-        "logprob_mismatch": mismatch,
-    }
+    return train_steps.policy_update(
+        model_fns, tx, state, prompts, rollouts, rewards, temperature, advantage_fn=advantage_fn,
+        reduction=reduction, entropy_coef=entropy_coef, micro_batch_prompts=micro_batch_prompts,
+        micro_batch_rollouts=micro_batch_rollouts, num_shards=num_shards)
 
   if state_sharding is None:
     return jax.jit(update, donate_argnums=0)
@@ -408,7 +338,8 @@ def evaluate(sampler: Sampler, params, prompt_tokens: Sequence[Sequence[int]], a
   def consume(item):
     nonlocal timeouts
     rows, rollouts = item
-    result = sampler.host_results(rollouts, [answers[r] for r in rows] + [answers[rows[0]]] * (prompt_chunk - len(rows)))
+    padded_answers = [answers[r] for r in rows] + [answers[rows[0]]] * (prompt_chunk - len(rows))
+    result = sampler.host_results(rollouts, padded_answers)
     timeouts += float(result["verify_timeouts"])
     for i, row in enumerate(rows):
       counts[row] += int(result["rewards"][i].sum())
@@ -568,19 +499,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.truncate(lambda r: r.get("phase") != "sft" or r.get("step", 0) <= sft_resume)
     sft_step = train_steps.make_sft_step(model_fns, sft_tx, state_sharding=state_sharding,
                                          batch_sharding=batch_sharding)
-    history, tick = [], time.time()
-    for step in bar(range(sft_resume + 1, config.sft.steps + 1), desc="SFT", initial=sft_resume,
-                    total=config.sft.steps):
+    def sft_batch_step(s, step):
       rows = np.random.default_rng([config.seed, _KEY_SFT, step]).integers(0, len(inputs), config.sft.batch_size)
-      state, step_metrics = sft_step(state, {
-          "inputs": sharding.shard_global_array(sft_inputs[rows], batch_sharding),
-          "loss_mask": sharding.shard_global_array(sft_mask[rows], batch_sharding)})
-      history.append(step_metrics)
-      if step % config.log_every_steps == 0 or step == config.sft.steps:
-        writer.write(run_logging.interval_record("sft", step, history, tick))
-        history, tick = [], time.time()
-      if step % config.checkpoint_every_steps == 0 or step == config.sft.steps:
-        sft_ckpt.save(step, state)
+      return sft_step(s, {"inputs": sharding.shard_global_array(sft_inputs[rows], batch_sharding),
+                          "loss_mask": sharding.shard_global_array(sft_mask[rows], batch_sharding)})
+
+    state = training_loop.run_phase(
+        "sft", state, sft_batch_step, start=sft_resume, end=config.sft.steps, writer=writer,
+        save=sft_ckpt.save, log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
+        progress=functools.partial(bar, desc="SFT"))
     params = state.params
     del state
   elif rl_resume is not None:
@@ -600,7 +527,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if rl_resume is not None:
     state = rl_ckpt.restore(rl_resume, state)
   update = make_policy_update(
-      model_fns, rl_tx, advantage_fn=estimators.get_advantage_fn(objective.name, **objective_kwargs(objective)),
+      model_fns, rl_tx,
+      advantage_fn=estimators.get_advantage_fn(objective.name, **estimators.kwargs_from_config(objective)),
       reduction=objective.reduction, entropy_coef=objective.entropy_coef,
       micro_batch_prompts=config.rl.micro_batch_prompts, micro_batch_rollouts=config.rl.micro_batch_rollouts,
       num_shards=sharding.num_batch_shards(mesh), state_sharding=state_sharding, batch_sharding=batch_sharding)
@@ -613,11 +541,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   order = _EpochOrder(len(train_problems), config.rollout.num_prompts, config.seed)
   temperature = jnp.float32(config.rollout.temperature)
   chunk = config.rollout.prompt_chunk
-  start = rl_resume or 0
-  history, tick = [], time.time()
-  progress = bar(range(start + 1, config.rl.steps + 1), desc=f"RL ({objective.name})", initial=start,
-                 total=config.rl.steps)
-  for step in progress:
+
+  def rl_step(state, step):
+    """Samples in prompt chunks (verifying chunk c on the host while chunk c+1 samples), then updates."""
     rows = order.batch(step)
     prompts = sampler.pad([train_tokens[i] for i in rows])
     answers = [train_problems[i].answer for i in rows]
@@ -625,14 +551,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     parts, host = [], []
     sample_start = time.time()
 
-    def dispatch(c, prompts=prompts, step_key=step_key):
+    def dispatch(c):
       part = sampler.sample(state.params, _slice_prompts(prompts, c * chunk, (c + 1) * chunk),
                             jax.random.fold_in(step_key, c), num_samples=config.rollout.num_samples,
                             max_new_tokens=config.rollout.max_new_tokens, temperature=temperature)
       parts.append(part)
       return c, part
 
-    def consume(item, answers=answers):
+    def consume(item):
       c, part = item
       host.append(sampler.host_results(part, answers[c * chunk:(c + 1) * chunk]))
 
@@ -645,23 +571,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sample_seconds = time.time() - sample_start
     state, step_metrics = update(state, sampler.place(prompts), rollouts,
                                  sharding.shard_global_array(rewards, batch_sharding), temperature)
-    step_metrics = dict(step_metrics, sample_verify_s=sample_seconds,
-                        verify_s=sum(float(h["verify_seconds"]) for h in host),
-                        verify_timeouts=sum(float(h["verify_timeouts"]) for h in host))
-    history.append(step_metrics)
-    if step % config.log_every_steps == 0 or step == config.rl.steps:
-      record = run_logging.interval_record("rl", step, history, tick, tokens_key="generated_tokens")
-      record["epoch"] = order.epoch(step)
-      writer.write(record)
-      progress.set_postfix(pass_rate=f"{record['pass_rate']:.3f}")
-      history, tick = [], time.time()
-    pause = time.time()
-    if step % config.eval.every_steps == 0 or step == config.rl.steps:
-      evals[step] = {"phase": "eval", "step": step, **run_eval(state.params)}
-      writer.write(evals[step])
-    if step % config.checkpoint_every_steps == 0 or step == config.rl.steps:
-      rl_ckpt.save(step, state)
-    tick += time.time() - pause  # Step times exclude evaluation and checkpointing.
+    return state, dict(step_metrics, sample_verify_s=sample_seconds,
+                       verify_s=sum(float(h["verify_seconds"]) for h in host),
+                       verify_timeouts=sum(float(h["verify_timeouts"]) for h in host))
+
+  state = training_loop.run_phase(
+      "rl", state, rl_step, start=rl_resume or 0, end=config.rl.steps, writer=writer, save=rl_ckpt.save,
+      log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
+      progress=functools.partial(bar, desc=f"RL ({objective.name})"), evaluate=run_eval,
+      eval_every=config.eval.every_steps, evals=evals, tokens_key="generated_tokens",
+      annotate=lambda record, step: record.update(epoch=order.epoch(step)))
   sft_ckpt.close()
   rl_ckpt.close()
 
@@ -671,7 +590,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ks = list(config.eval.ks)
   summary = {
       "objective": objective.name,
-      "objective_kwargs": objective_kwargs(objective),
+      "objective_kwargs": estimators.kwargs_from_config(objective),
       "eval": final,
       "initial_eval": initial,
       "rl_steps": final_step,
