@@ -40,6 +40,26 @@ PAPER_CLS = ("Paper (ImageNet, ResNet-50): REINFORCE stays flat; GRPO improves w
              "MaxRL approaches cross-entropy once N >= 1024.")
 
 
+PRESET_SCOPE = {
+    "cpu": ("The CPU preset is far smaller than the paper's runs (9x9 mazes, a 0.5M-parameter policy, "
+            "60-100 RL steps instead of 20K): it tests the direction of each effect, not the paper's "
+            "magnitudes."),
+    "paper": "The paper preset uses the paper's sizes (configs/*.py, preset `paper`).",
+    "tiny": ("The tiny preset only checks that every step runs and reports (test-size models and a few "
+             "steps): its numbers mean nothing."),
+}
+
+
+def git_commit() -> str:
+  """Short hash of HEAD, with "+ uncommitted changes" when the tree differs from it."""
+  run = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+  head = run("rev-parse", "--short", "HEAD").stdout.strip()
+  if not head:
+    return "unknown (not a git checkout)"
+  dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+  return f"`{head}`" + (" + uncommitted changes" if dirty else "")
+
+
 def hardware() -> str:
   model = "unknown CPU"
   try:
@@ -107,8 +127,12 @@ def classification_section(root, figures_dir, rel_figures):
         table.setdefault(key, []).append((run["pass@1"], run["pass@128"]))
   objectives = sorted({k[0] for k in table}, key=lambda o: (o != "cross_entropy", o))
   ns = sorted({k[1] for k in table if k[1]})
+  with open(seeds[0]) as f:
+    header = json.load(f).get("header") or ["the classification preset of the reproduce script"]
+  described = header[0].removeprefix("config: ")  # e.g. "tiny preset, dataset ..., model mlp, ..."
+  described = described[:1].upper() + described[1:]
   lines = ["## Classification: MaxRL against exact maximum likelihood", "",
-           f"Tiny preset (MLP, procedural 200-class dataset, initial pass rate 1/200), {len(seeds)} seeds; "
+           f"{described}, {len(seeds)} seeds; "
            "held-out pass@1 / pass@128, mean ± std over seeds (`experiments.classification_sweep`).", "",
            "| objective | " + " | ".join(f"N={n}" for n in ns) + " |", "|" + "---|" * (len(ns) + 1)]
   for obj in objectives:
@@ -138,23 +162,25 @@ def main(argv):
   os.makedirs(_FIGURES.value, exist_ok=True)
   rel = os.path.relpath(_FIGURES.value, os.path.dirname(out) or ".")
   wall = f"{_WALL.value / 60:.1f} min" if _WALL.value else "not recorded"
-  lines = ["# Results: the paper's ablations at CPU scale", "",
-           f"Produced by `bash scripts/reproduce.sh {_PRESET.value}` (workdirs under `{root}`), then "
-           f"`python scripts/report.py --root={root} --preset={_PRESET.value}`.", "",
-           f"Hardware: {hardware()}. Wall time of the whole run: {wall}.", "",
+  if _PRESET.value not in PRESET_SCOPE:
+    raise app.UsageError(f"--preset={_PRESET.value!r}; allowed: {sorted(PRESET_SCOPE)}.")
+  lines = [f"# Results: the paper's ablations ({_PRESET.value} preset)", "",
+           f"Produced by `bash scripts/reproduce.sh {_PRESET.value}` (workdirs under `{root}`) at commit "
+           f"{git_commit()}, which ends with `python scripts/report.py --root={root} --preset={_PRESET.value}`.",
+           "", f"Hardware: {hardware()}. Wall time of the whole run: {wall}.", "",
            "Every number below was measured in that run. Hyperparameters are the same for every objective "
-           "(only the advantage rule changes), as in the paper. The CPU preset is far smaller than the "
-           "paper's runs (9x9 mazes, a 0.5M-parameter policy, 60-100 RL steps instead of 20K): it tests "
-           "the direction of each effect, not the paper's magnitudes.", ""]
-  if os.path.exists(_NOTES.value):
+           "(only the advantage rule changes), as in the paper. " + PRESET_SCOPE[_PRESET.value], ""]
+  if _NOTES.value and os.path.exists(_NOTES.value):
     lines += [open(_NOTES.value).read().strip(), ""]
   lines += section(root, "objectives", "Maze: objective comparison", PAPER_MAZE, _FIGURES.value, rel)
   lines += section(root, "scaling", "Maze: rollout scaling", PAPER_SCALING, _FIGURES.value, rel)
   lines += section(root, "data_scarce", "Maze: data-scarce regime", PAPER_SCARCE, _FIGURES.value, rel)
   lines += section(root, "signal", "Maze: training signal", PAPER_SIGNAL, _FIGURES.value, rel)
   lines += classification_section(root, _FIGURES.value, rel)
-  with open(out, "w") as f:
+  tmp = f"{out}.tmp"
+  with open(tmp, "w") as f:
     f.write("\n".join(lines) + "\n")
+  os.replace(tmp, out)  # A reader never sees half a report.
   print(f"wrote {out}")
 
 
