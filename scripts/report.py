@@ -25,6 +25,8 @@ _PRESET = flags.DEFINE_string("preset", "cpu", "Preset the root was produced wit
 _WALL = flags.DEFINE_float("wall_time_s", None, "Wall time of the reproduce run, in seconds.")
 _OUT = flags.DEFINE_string("out", "docs/results.md", "Markdown report to write.")
 _FIGURES = flags.DEFINE_string("figures", "docs/figures/results", "Where the plots are copied.")
+_COMMIT = flags.DEFINE_string("commit", None, "Commit the runs were produced at (default: this checkout's HEAD, "
+                              "as when reproduce.sh calls the report at the end of its run).")
 _NOTES = flags.DEFINE_string("notes", "docs/results_analysis.md", "Hand-written analysis to include.")
 
 PAPER_MAZE = ("Paper (17x17 mazes, 3.9M policy, 32 prompts x 128 rollouts, 20K steps), pass@1 / pass@128 / "
@@ -148,6 +150,7 @@ def classification_section(root, figures_dir, rel_figures):
     lines.append(f"| {obj} | " + " | ".join(cells) + " |")
   lines += ["", "(cross-entropy does not sample: the same value in every column.)", "", PAPER_CLS, ""]
   seed0 = os.path.dirname(seeds[0])
+  lines += [f"Plots of the first seed ({os.path.basename(seed0)}):", ""]
   for plot in ("pass_vs_N.png", "training_curves.png", "grad_norms.png"):
     if os.path.exists(os.path.join(seed0, plot)):
       target = f"classification_{plot}"
@@ -164,10 +167,13 @@ def main(argv):
   wall = f"{_WALL.value / 60:.1f} min" if _WALL.value else "not recorded"
   if _PRESET.value not in PRESET_SCOPE:
     raise app.UsageError(f"--preset={_PRESET.value!r}; allowed: {sorted(PRESET_SCOPE)}.")
+  head = git_commit()
+  produced = f"`{_COMMIT.value}`" if _COMMIT.value else head
+  written = "" if produced == head else f" This report was written at commit {head}."
   lines = [f"# Results: the paper's ablations ({_PRESET.value} preset)", "",
            f"Produced by `bash scripts/reproduce.sh {_PRESET.value}` (workdirs under `{root}`) at commit "
-           f"{git_commit()}, which ends with `python scripts/report.py --root={root} --preset={_PRESET.value}`.",
-           "", f"Hardware: {hardware()}. Wall time of the whole run: {wall}.", "",
+           f"{produced}, which ends with `python scripts/report.py --root={root} --preset={_PRESET.value}`."
+           f"{written}", "", f"Hardware: {hardware()}. Wall time of the whole run: {wall}.", "",
            "Every number below was measured in that run. Hyperparameters are the same for every objective "
            "(only the advantage rule changes), as in the paper. " + PRESET_SCOPE[_PRESET.value], ""]
   if _NOTES.value and os.path.exists(_NOTES.value):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the paper's ablations and writes the results report.
 #
-#   bash scripts/reproduce.sh cpu  [ROOT]   # everything at CPU scale (2 cores: about 1.5 hours), 3 seeds
+#   bash scripts/reproduce.sh cpu  [ROOT]   # everything at CPU scale, 3 seeds (63 min on 2 cores, docs/results.md)
 #   bash scripts/reproduce.sh paper [ROOT]  # the paper's sizes, for TPU/GPU (days on one accelerator)
 #   bash scripts/reproduce.sh tiny [ROOT]   # every step at test size (minutes); checks the pipeline only
 #
