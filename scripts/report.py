@@ -53,12 +53,13 @@ PRESET_SCOPE = {
 
 
 def git_commit() -> str:
-  """Short hash of HEAD, with "+ uncommitted changes" when the tree differs from it."""
+  """Short hash of HEAD, with "+ uncommitted changes" when the code differs from it (docs/, where the report
+  and its notes live, is not counted)."""
   run = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, check=False)
   head = run("rev-parse", "--short", "HEAD").stdout.strip()
   if not head:
     return "unknown (not a git checkout)"
-  dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+  dirty = run("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs").stdout.strip()
   return f"`{head}`" + (" + uncommitted changes" if dirty else "")
 
 
