@@ -69,15 +69,32 @@ def train_shared_sft(base: ml_collections.ConfigDict, workdir: str) -> str:
   return sft_dir
 
 
+def build_run_configs(base: ml_collections.ConfigDict,
+                      runs: Mapping[str, Mapping[str, Any]]) -> dict[str, ml_collections.ConfigDict]:
+  """{name: base with the run's overrides}, every one checked by train_maze.validate_config.
+
+  Called before anything trains, so a bad override in run 40 of a sweep fails at once, naming the run.
+  """
+  configs = {}
+  for name, overrides in runs.items():
+    config = with_overrides(base, overrides)
+    try:
+      train_maze.validate_config(config)
+    except ValueError as e:
+      raise ValueError(f"run {name!r}: {e}") from e
+    configs[name] = config
+  return configs
+
+
 def run_all(base: ml_collections.ConfigDict, workdir: str, runs: Mapping[str, Mapping[str, Any]],
             share_sft: bool = True) -> dict[str, dict]:
   """Runs every named variant (overrides of `base`) unless finished; returns {name: summary}."""
+  configs = build_run_configs(base, runs)
   enable_compilation_cache(workdir)
   os.makedirs(workdir, exist_ok=True)
   sft_dir = train_shared_sft(base, workdir) if share_sft else None
   summaries, start = {}, time.time()
-  for i, (name, overrides) in enumerate(runs.items()):
-    config = with_overrides(base, overrides)
+  for i, (name, config) in enumerate(configs.items()):
     if sft_dir:
       config = with_overrides(config, {"sft.init_from": os.path.abspath(sft_dir)})
     run_dir = os.path.join(workdir, "runs", name)

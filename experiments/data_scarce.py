@@ -18,9 +18,15 @@ import numpy as np  # noqa: E402
 from experiments import common  # noqa: E402
 
 
+def run_variants(config: ml_collections.ConfigDict) -> dict[str, dict]:
+  """{objective: overrides of config.base}, in table order."""
+  return {obj: {"objective.name": obj} for obj in config.objectives}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  seeds, objectives = list(config.seeds), list(config.objectives)
-  variants = {obj: {"objective.name": obj} for obj in objectives}
+  seeds = list(config.seeds)
+  variants = run_variants(config)
+  objectives = list(variants)
   summaries = common.run_all(config.base, workdir, common.seed_runs(variants, seeds))
   base = config.base
   steps_per_epoch = base.maze.train_examples // base.rollout.num_prompts
@@ -42,7 +48,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "|" + "---|" * len(peaks[0])]
   for row in peaks:
     peak_lines.append(f"| {row['variant']} | " + " | ".join(
-        f"{v['mean']:.3f} ± {v['std']:.3f}" for k, v in row.items() if k != "variant") + " |")
+        f"{v['mean']:.1f} ± {v['std']:.1f}" if k.startswith("epoch") else f"{v['mean']:.3f} ± {v['std']:.3f}"
+        for k, v in row.items() if k != "variant") + " |")
   title = (f"Data-scarce: {base.maze.train_examples} fixed training mazes {base.maze.size}x{base.maze.size}, "
            f"{base.rollout.num_prompts} prompts x {base.rollout.num_samples} rollouts, "
            f"{base.rl.steps // steps_per_epoch} epochs, {len(seeds)} seeds")

@@ -58,13 +58,20 @@ def plot_training(workdir, variants, seeds, path, keys=("pass_rate", "fraction_s
   plt.close(fig)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  variants = list(config.variant_order)
-  if sorted(variants) != sorted(config.variants.keys()):
-    raise ValueError(f"config.variant_order={tuple(variants)} must list each of config.variants once: "
+def run_variants(config: ml_collections.ConfigDict) -> dict[str, dict]:
+  """{variant: dotted overrides of config.base} in config.variant_order."""
+  order = list(config.variant_order)
+  if sorted(order) != sorted(config.variants.keys()):
+    raise ValueError(f"config.variant_order={tuple(order)} must list each of config.variants once: "
                      f"{sorted(config.variants.keys())}.")
+  return {name: common.flatten(config.variants[name]) for name in order}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  planned = run_variants(config)
+  variants = list(planned)
   seeds = list(config.seeds)
-  runs = common.seed_runs({n: common.flatten(config.variants[n]) for n in variants}, seeds)
+  runs = common.seed_runs(planned, seeds)
   summaries = common.run_all(config.base, workdir, runs)
   ks = list(config.base.eval.ks)
   keys = [f"pass@{k}" for k in ks] + ["fraction_solved"]

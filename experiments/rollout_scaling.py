@@ -18,9 +18,16 @@ import numpy as np  # noqa: E402
 from experiments import common  # noqa: E402
 
 
+def run_variants(config: ml_collections.ConfigDict) -> dict[str, dict]:
+  """{"<objective>_N<n>": overrides of config.base} for every objective and N, in table order."""
+  return {f"{obj}_N{n}": {"objective.name": obj, "rollout.num_samples": n}
+          for obj in config.objectives for n in config.num_samples}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  seeds, ns, objectives = list(config.seeds), list(config.num_samples), list(config.objectives)
-  variants = {f"{obj}_N{n}": {"objective.name": obj, "rollout.num_samples": n} for obj in objectives for n in ns}
+  seeds = list(config.seeds)
+  variants = run_variants(config)
+  ns, objectives = list(config.num_samples), list(config.objectives)
   summaries = common.run_all(config.base, workdir, common.seed_runs(variants, seeds))
   k_max = max(config.base.eval.ks)
   keys = ["pass@1", f"pass@{k_max}", "fraction_solved"]

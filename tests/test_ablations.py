@@ -18,10 +18,14 @@ from maxrl_jax.tasks import maze
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from configs import data_scarce  # noqa: E402
 from configs import maze as maze_config  # noqa: E402
 from configs import maze_objectives  # noqa: E402
+from configs import rollout_scaling  # noqa: E402
 from experiments import common  # noqa: E402
+from experiments import data_scarce as scarce_experiment  # noqa: E402
 from experiments import maze_objectives as objectives_experiment  # noqa: E402
+from experiments import rollout_scaling as scaling_experiment  # noqa: E402
 
 
 def test_differential_smoothing_values():
@@ -108,6 +112,29 @@ def test_objective_comparison_runs_and_skips_finished_runs(tmp_path, capsys):
 def payload_sft(workdir):
   with open(os.path.join(workdir, "sft", "summary.json")) as f:
     return json.load(f)["eval"]
+
+
+@pytest.mark.parametrize("preset", ["cpu", "paper", "tiny"])
+def test_every_run_of_every_ablation_preset_is_a_valid_config(preset):
+  # The runs run_all would launch, each checked by train_maze.validate_config: a paper-scale sweep cannot
+  # fail on its 40th run's config hours after it started.
+  expected = {"cpu": (24, 27, 9), "paper": (24, 54, 9), "tiny": (8, 6, 3)}[preset]
+  counts = []
+  for config_module, experiment in [(maze_objectives, objectives_experiment),
+                                    (rollout_scaling, scaling_experiment), (data_scarce, scarce_experiment)]:
+    config = config_module.get_config(preset)
+    runs = common.seed_runs(experiment.run_variants(config), config.seeds)
+    configs = common.build_run_configs(config.base, runs)
+    counts.append(len(configs))
+  assert tuple(counts) == expected
+
+
+def test_a_bad_run_override_fails_before_anything_trains(tmp_path):
+  config = maze_objectives.get_config("tiny")
+  config.variants.pkpo.objective.k = 64  # > N = 4
+  with pytest.raises(ValueError, match="run 'pkpo/seed0'"):
+    objectives_experiment.run(config, str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, "sft"))
 
 
 def test_overrides_name_unknown_fields():
