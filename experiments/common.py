@@ -43,6 +43,11 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, An
   return config
 
 
+def count(n: int, noun: str) -> str:
+  """count(1, "seed") -> "1 seed"; count(3, "seed") -> "3 seeds"."""
+  return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def is_finished(run_dir: str, rl_steps: int) -> bool:
   path = os.path.join(run_dir, "summary.json")
   if not os.path.exists(path):

@@ -52,13 +52,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for k, v in row.items() if k != "variant") + " |")
   title = (f"Data-scarce: {base.maze.train_examples} fixed training mazes {base.maze.size}x{base.maze.size}, "
            f"{base.rollout.num_prompts} prompts x {base.rollout.num_samples} rollouts, "
-           f"{base.rl.steps // steps_per_epoch} epochs, {len(seeds)} seeds")
+           f"{base.rl.steps // steps_per_epoch} epochs, {common.count(len(seeds), 'seed')}")
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for ax, key in zip(axes, keys):
     for obj in objectives:
       curves = [common.eval_curves(f"{workdir}/runs/{obj}/seed{s}", key) for s in seeds]
       mean = np.mean([c[1] for c in curves], 0)
-      std = np.std([c[1] for c in curves], 0)
+      std = np.std([c[1] for c in curves], 0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)  # as the tables
       epochs = curves[0][0] / steps_per_epoch
       ax.plot(epochs, mean, marker=".", label=obj)
       ax.fill_between(epochs, mean - std, mean + std, alpha=0.15)

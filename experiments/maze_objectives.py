@@ -79,7 +79,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sft = common.aggregate([summaries[f"{variants[0]}/seed{s}"]["sft_eval"]["pass@1"] for s in seeds])
   base = config.base
   title = (f"Maze objectives: {base.maze.size}x{base.maze.size}, {base.rollout.num_prompts} prompts x "
-           f"{base.rollout.num_samples} rollouts, {base.rl.steps} RL steps, {len(seeds)} seeds")
+           f"{base.rollout.num_samples} rollouts, {base.rl.steps} RL steps, {common.count(len(seeds), 'seed')}")
   plot_pass_at_k(summaries, variants, seeds, ks, f"{workdir}/pass_at_k.png", title)
   plot_training(workdir, variants, seeds, f"{workdir}/training_curves.png")
   markdown = "\n".join([

@@ -34,7 +34,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rows, table = common.seed_table(summaries, list(variants), seeds, keys)
   base = config.base
   title = (f"Rollout scaling: {base.maze.size}x{base.maze.size}, {base.rollout.num_prompts} prompts x N, "
-           f"{base.rl.steps} RL steps, {len(seeds)} seeds")
+           f"{base.rl.steps} RL steps, {common.count(len(seeds), 'seed')}")
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for ax, key in zip(axes, keys[:2]):
     for obj in objectives:

@@ -220,7 +220,8 @@ def test_values_on_a_worked_example():
   r = jnp.array([1.0, 0.0, 0.0, 1.0])  # K = 2, N = 4, mu = 1/2.
   np.testing.assert_allclose(est.maxrl_advantages(r), [1.0, -1.0, -1.0, 1.0])
   np.testing.assert_allclose(est.rloo_advantages(r), [2 / 3, -2 / 3, -2 / 3, 2 / 3], rtol=1e-6)
-  np.testing.assert_allclose(est.grpo_advantages(r, eps=0.0), np.array([0.5, -0.5, -0.5, 0.5]) / np.sqrt(1 / 3), rtol=1e-6)
+  np.testing.assert_allclose(est.grpo_advantages(r, eps=0.0), np.array([0.5, -0.5, -0.5, 0.5]) / np.sqrt(1 / 3),
+                             rtol=1e-6)
   # Maclaurin T = 3, F = 2: failures get -(C(1,1)/C(3,1) + C(1,2)/C(3,2)) = -1/3.
   np.testing.assert_allclose(est.maclaurin_advantages(r, order=3), [1, -1 / 3, -1 / 3, 1], rtol=1e-6)
   zeros = jnp.zeros(4)
