@@ -138,8 +138,7 @@ def train_curves(run_dir: str, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def write_results(workdir: str, payload: dict, markdown: str) -> None:
   run_logging.write_json_atomic(os.path.join(workdir, "results.json"), payload)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(markdown + "\n")
+  run_logging.write_text_atomic(os.path.join(workdir, "results.md"), markdown + "\n")
   print(markdown, flush=True)
 
 

@@ -32,13 +32,17 @@ def _jsonable(value: Any) -> Any:
   return value
 
 
-def write_json_atomic(path: str, payload: Any) -> None:
-  """Writes JSON to `path` through a temporary file and a rename, so readers never see half a file."""
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename, so readers never see half a file."""
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
-    json.dump(_jsonable(payload), f, indent=1, sort_keys=True)
-    f.write("\n")
+    f.write(text)
   os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, payload: Any) -> None:
+  """Writes JSON to `path` atomically (see write_text_atomic)."""
+  write_text_atomic(path, json.dumps(_jsonable(payload), indent=1, sort_keys=True) + "\n")
 
 
 def check_or_write_config(workdir: str, config_dict: dict) -> None:

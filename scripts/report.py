@@ -20,6 +20,8 @@ import subprocess
 from absl import app, flags
 import numpy as np
 
+from maxrl_jax import run_logging
+
 _ROOT = flags.DEFINE_string("root", "workdirs/reproduce_cpu", "Root workdir of scripts/reproduce.sh.")
 _PRESET = flags.DEFINE_string("preset", "cpu", "Preset the root was produced with.")
 _WALL = flags.DEFINE_float("wall_time_s", None, "Wall time of the reproduce run, in seconds.")
@@ -184,10 +186,7 @@ def main(argv):
   lines += section(root, "data_scarce", "Maze: data-scarce regime", PAPER_SCARCE, _FIGURES.value, rel)
   lines += section(root, "signal", "Maze: training signal", PAPER_SIGNAL, _FIGURES.value, rel)
   lines += classification_section(root, _FIGURES.value, rel)
-  tmp = f"{out}.tmp"
-  with open(tmp, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(tmp, out)  # A reader never sees half a report.
+  run_logging.write_text_atomic(out, "\n".join(lines) + "\n")  # A reader never sees half a report.
   print(f"wrote {out}")
 
 
