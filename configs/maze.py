@@ -75,23 +75,36 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.objective.order = ml_collections.config_dict.placeholder(int)  # T, for maclaurin.
   cfg.objective.k = ml_collections.config_dict.placeholder(int)  # k, for pkpo.
   cfg.objective.zero_failed_groups = True  # maxrl: the paper's rule (order N-1); False keeps order N.
-  cfg.objective.reduction = "sequence_sum"  # Unbiased; "token_mean" is verl's default.
+  # How the loss sums over tokens: "token_mean" (all tokens of the batch weighted equally) is the official
+  # code's (verl's default); "sequence_sum" (sum over a rollout's tokens, mean over rollouts) is the unbiased
+  # estimate of the policy gradient. Under Adam they differ by a per-batch scale (the mean response length).
+  cfg.objective.reduction = "token_mean"
   cfg.objective.entropy_coef = 0.0  # > 0 adds an entropy bonus (GRPO + entropy).
   cfg.objective.smoothing_gamma = 0.0  # > 0: Differential Smoothing (paper: 0.05, with grpo).
   cfg.objective.self_filter = False  # SELF: zero the advantages of prompts whose greedy decode is correct.
+  # The official code's forms, for comparisons with it (docs/fidelity.md): "official" PKPO (a baseline from the
+  # other rollouts' rescaled rewards, slightly biased) instead of our unbiased one; the Maclaurin order capped
+  # at N instead of refusing order > N; Differential Smoothing's std over the group as a population.
+  cfg.objective.pkpo_form = "unbiased"  # or "official".
+  cfg.objective.cap_order_at_n = False  # maclaurin: True caps order at N (official), False refuses order > N.
+  cfg.objective.smoothing_std = "bessel"  # or "population" (official).
 
-  # RL optimiser: AdamW, constant learning rate, one update per step (fully on-policy).
+  # RL optimiser: AdamW, constant learning rate, one update per step (fully on-policy). Betas, weight decay
+  # and clip are the official code's (verl's actor defaults).
   cfg.rl = ml_collections.ConfigDict()
   cfg.rl.steps = 200
   cfg.rl.learning_rate = 1e-4
   cfg.rl.b1 = 0.9
-  cfg.rl.b2 = 0.95
-  cfg.rl.weight_decay = 0.0
+  cfg.rl.b2 = 0.999
+  cfg.rl.weight_decay = 0.01
   cfg.rl.grad_clip = 1.0
 
-  # Held-out evaluation: pass@k from `num_samples` samples per test maze (unbiased estimator).
+  # Held-out evaluation: pass@k from `num_samples` samples per test maze (unbiased estimator), with its
+  # standard error over mazes. The test mazes are never drawn for SFT or RL training (they are excluded from
+  # every training draw; summary.json reports the measured overlap, 0). 256 mazes give a pass@1 standard
+  # error of about 0.02.
   cfg.eval = ml_collections.ConfigDict()
-  cfg.eval.num_mazes = 64
+  cfg.eval.num_mazes = 256
   cfg.eval.num_samples = 32
   cfg.eval.ks = (1, 4, 16, 32)
   cfg.eval.temperature = 1.0
@@ -122,17 +135,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if preset == "default":
     pass
   elif preset == "tiny":  # Seconds on a CPU; used by the tests.
-    cfg.maze.size = 5
+    # 7 x 7: the smallest side with room for held-out mazes (5 x 5 has only 4 distinct mazes).
+    cfg.maze.size = 7
     cfg.model.num_layers = 1
     cfg.model.hidden_size = 32
     cfg.model.ffn_size = 64
-    cfg.model.max_positions = 64
+    cfg.model.max_positions = 80
     cfg.sft.steps = 6
     cfg.sft.batch_size = 8
     cfg.sft.warmup_steps = 2
     cfg.rollout.num_prompts = 4
     cfg.rollout.num_samples = 4
-    cfg.rollout.max_new_tokens = 12
+    cfg.rollout.max_new_tokens = 20
     cfg.rl.steps = 6
     cfg.eval.num_mazes = 8
     cfg.eval.num_samples = 8

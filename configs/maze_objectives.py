@@ -1,7 +1,8 @@
 r"""Maze objective comparison (the paper's maze table): every objective from one shared SFT policy.
 
     python -m experiments.maze_objectives --config=configs/maze_objectives.py:cpu --workdir=/tmp/abl/objectives
-    python -m experiments.maze_objectives --config=configs/maze_objectives.py:paper --workdir=gs://.../objectives
+    python -m experiments.maze_objectives --config=configs/maze_objectives.py:long --workdir=/tmp/abl/long
+    python -m experiments.maze_objectives --config=configs/maze_objectives.py:paper --workdir=/tmp/abl/paper
 
 Same hyperparameters for every objective (as in the paper); only the advantage rule changes.
 """
@@ -22,6 +23,37 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.base.progress_bar = False
     cfg.seeds = (0, 1, 2)
     pkpo_k, maclaurin_order = 4, 4  # Both < N = 16.
+  elif preset in ("long", "gpu"):
+    # The long-horizon comparison of MaxRL, GRPO and RLOO at 9 x 9: one SFT policy per seed shared by the
+    # three objectives, held-out mazes never trained on, evaluations along the way for the curves.
+    # long: 1000 RL steps on a CPU (about 12 minutes a run on 2 cores); gpu: 2000 steps and a larger
+    # evaluation, sized to fit about 10 minutes on one H100/H200 with the seeds run side by side
+    # (scripts/gpu_objectives.sh).
+    cfg.base = maze.get_config("default")
+    cfg.base.progress_bar = False
+    cfg.seeds = (0, 1, 2)
+    if preset == "long":
+      cfg.base.rl.steps = 1000
+      cfg.base.eval.every_steps = 100
+      cfg.base.eval.num_mazes = 256
+      cfg.base.eval.num_samples = 16
+      cfg.base.eval.ks = (1, 4, 16)
+      cfg.base.checkpoint_every_steps = 100
+    else:
+      cfg.base.rl.steps = 2000
+      cfg.base.eval.every_steps = 250
+      cfg.base.eval.num_mazes = 512
+      cfg.base.eval.num_samples = 32
+      cfg.base.eval.ks = (1, 4, 16, 32)
+      cfg.base.eval.prompt_chunk = 64
+      cfg.base.checkpoint_every_steps = 250
+    cfg.variants = ml_collections.ConfigDict({
+        "maxrl": {"objective": {"name": "maxrl"}},
+        "grpo": {"objective": {"name": "grpo"}},
+        "rloo": {"objective": {"name": "rloo"}},
+    })
+    cfg.variant_order = ("maxrl", "grpo", "rloo")
+    return cfg
   elif preset == "paper":
     cfg.base = maze.get_config("paper")
     cfg.seeds = (0, 1, 2)
@@ -31,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.seeds = (0,)
     pkpo_k, maclaurin_order = 2, 2
   else:
-    raise ValueError(f"Unknown preset {preset!r}; allowed: cpu, paper, tiny.")
+    raise ValueError(f"Unknown preset {preset!r}; allowed: cpu, long, gpu, paper, tiny.")
 
   # name -> nested overrides of cfg.base. Baselines of the paper's table included.
   cfg.variants = ml_collections.ConfigDict({

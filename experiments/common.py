@@ -1,8 +1,9 @@
 """Shared machinery of the ablations: named runs under one workdir, resumed by name, aggregated over seeds.
 
 A run is `<workdir>/runs/<name>`; a finished run (its summary.json reports the configured number of RL
-steps) is never redone, an unfinished one resumes from its checkpoints. All RL runs of an ablation start from
-one SFT policy, trained once in `<workdir>/sft`.
+steps) is never redone, an unfinished one resumes from its checkpoints. The RL runs of an ablation with the
+same seed start from one SFT policy, trained once per seed in `<workdir>/sft/seed<s>` (so objectives are
+compared from the same start, and seeds differ in their SFT as well as their RL).
 """
 
 from __future__ import annotations
@@ -65,12 +66,12 @@ def read_metrics(run_dir: str) -> list[dict]:
   return run_logging.MetricsWriter(run_dir).read()
 
 
-def train_shared_sft(base: ml_collections.ConfigDict, workdir: str) -> str:
-  """Trains (or finds) the SFT policy every run of the ablation starts from; returns its workdir."""
-  sft_dir = os.path.join(workdir, "sft")
+def train_shared_sft(base: ml_collections.ConfigDict, workdir: str, seed: int) -> str:
+  """Trains (or finds) the SFT policy of one seed, shared by every run of that seed; returns its workdir."""
+  sft_dir = os.path.join(workdir, "sft", f"seed{seed}")
   if not is_finished(sft_dir, 0):
-    print(f"[sft] {base.sft.steps} SFT steps -> {sft_dir}", flush=True)
-    train_maze.train_and_evaluate(with_overrides(base, {"rl.steps": 0}), sft_dir)
+    print(f"[sft seed {seed}] {base.sft.steps} SFT steps -> {sft_dir}", flush=True)
+    train_maze.train_and_evaluate(with_overrides(base, {"rl.steps": 0, "seed": seed}), sft_dir)
   return sft_dir
 
 
@@ -97,10 +98,10 @@ def run_all(base: ml_collections.ConfigDict, workdir: str, runs: Mapping[str, Ma
   configs = build_run_configs(base, runs)
   enable_compilation_cache(workdir)
   os.makedirs(workdir, exist_ok=True)
-  sft_dir = train_shared_sft(base, workdir) if share_sft else None
   summaries, start = {}, time.time()
   for i, (name, config) in enumerate(configs.items()):
-    if sft_dir:
+    if share_sft:  # Trained when the first run of its seed needs it.
+      sft_dir = train_shared_sft(base, workdir, config.seed)
       config = with_overrides(config, {"sft.init_from": os.path.abspath(sft_dir)})
     run_dir = os.path.join(workdir, "runs", name)
     if is_finished(run_dir, config.rl.steps):
@@ -113,9 +114,10 @@ def run_all(base: ml_collections.ConfigDict, workdir: str, runs: Mapping[str, Ma
 
 
 def seed_runs(variants: Mapping[str, Mapping[str, Any]], seeds: Iterable[int]) -> dict[str, dict]:
-  """{variant/seed<s>: overrides + seed} for every variant and seed."""
-  return {f"{name}/seed{seed}": {**overrides, "seed": seed} for name, overrides in variants.items()
-          for seed in seeds}
+  """{variant/seed<s>: overrides + seed} for every variant and seed, seed by seed (so a partly finished
+  ablation has every variant of its first seeds)."""
+  return {f"{name}/seed{seed}": {**overrides, "seed": seed} for seed in seeds
+          for name, overrides in variants.items()}
 
 
 def aggregate(values: list[float]) -> dict[str, float]:

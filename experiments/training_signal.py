@@ -65,7 +65,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"config.objectives_workdir={src!r} must be a finished experiments.maze_objectives "
                      "workdir (with results.json); run that ablation first.")
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(src, "sft", "config.json")) as f:
+  sft_dir = os.path.join(src, "sft", f"seed{config.seed}")  # The SFT policy of the objectives' seed config.seed.
+  if not os.path.exists(os.path.join(sft_dir, "config.json")):
+    raise ValueError(f"{sft_dir} holds no SFT run: config.seed={config.seed} must be one of the seeds of "
+                     f"the objective ablation in {src}.")
+  with open(os.path.join(sft_dir, "config.json")) as f:
     base = ml_collections.ConfigDict(json.load(f))
   base.eval.ks = tuple(base.eval.ks)
 
@@ -92,7 +96,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # 2. Per-prompt gradient norm against pass rate.
   objectives = list(config.objectives)
-  norms = gradient_norms(base, os.path.join(src, "sft"), objectives, config.num_prompts, config.num_samples,
+  norms = gradient_norms(base, sft_dir, objectives, config.num_prompts, config.num_samples,
                          config.prompt_chunk, config.seed)
   fig, axes = plt.subplots(1, len(objectives), figsize=(3.6 * len(objectives), 3.4), sharex=True)
   binned = {}

@@ -15,7 +15,8 @@ import numpy as np
 # Fields that may differ between the first launch of a run and a resumed launch on the same workdir.
 RESUMABLE_FIELDS = ("progress_bar", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints")
 # A run may resume on another device mesh or coordinator (checkpoints restore into the new shardings).
-RESUMABLE_PREFIXES = ("mesh.",)
+# Where metrics are sent (TensorBoard, Weights & Biases) does not change what a run computes either.
+RESUMABLE_PREFIXES = ("mesh.", "logging.")
 
 
 def _jsonable(value: Any) -> Any:

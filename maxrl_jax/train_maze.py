@@ -15,6 +15,7 @@ an uninterrupted one.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 
@@ -127,9 +128,86 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 # ------------------------------------------------------------------------------------------------ data
 
 
-def _sft_batch_fn(config, batch_sharding=None):
+def _sft_batch_fn(config, batch_sharding=None, heldout_table=None):
   size, batch, response_len = config.maze.size, config.sft.batch_size, maze.min_response_length(config.maze.size)
-  return jax.jit(lambda key: maze.sft_batch(key, batch, size, response_len), out_shardings=batch_sharding)
+  return jax.jit(lambda key: maze.sft_batch(key, batch, size, response_len, heldout_table),
+                 out_shardings=batch_sharding)
+
+
+# A held-out set taking more than this share of the maze distribution is refused: fresh training draws
+# would need many redraws (and could, with probability share^MAX_REDRAWS per maze, fail to avoid it).
+MAX_HELDOUT_SHARE = 0.5
+
+
+def check_heldout_room(heldout_grids: np.ndarray, size: int) -> dict:
+  """Measures how much of the maze distribution the held-out set takes; stops a run where it leaves no room.
+
+  Returns {"num_mazes", "distinct", "share_of_distribution"} for summary.json.
+  """
+  share = maze.heldout_mass(heldout_grids, size)
+  distinct = len(maze.hash_table(heldout_grids))
+  if share > MAX_HELDOUT_SHARE:
+    raise ValueError(
+        f"config.eval.num_mazes / config.maze.size: the {len(heldout_grids)} held-out {size}x{size} mazes "
+        f"({distinct} distinct) make up {share:.0%} of all randomly drawn {size}x{size} mazes, so training "
+        f"mazes cannot be drawn without them (held-out mazes are never trained on). Use a larger "
+        f"config.maze.size (7 has room for a few held-out mazes, 9 for hundreds) or fewer eval.num_mazes.")
+  return {"num_mazes": int(len(heldout_grids)), "distinct": distinct, "share_of_distribution": share}
+
+
+def training_maze_bits(draw_keys: dict[str, jax.Array], batch_sizes: dict[str, int], size: int,
+                       heldout_table: jax.Array, pool: np.ndarray | None = None, chunk: int = 256
+                       ) -> dict[str, np.ndarray]:
+  """Regenerates every training maze of a run from its keys: {source: passage bits bool [n, E]}.
+
+  Args:
+    draw_keys: {phase: keys [steps]} of the fresh draws (the key each step passed to `draw_training_mazes`).
+    batch_sizes: {phase: mazes per step}.
+    size: maze side.
+    heldout_table: the sorted hash table of the held-out mazes.
+    pool: a fixed training pool [T, S, S] (the data-scarce regime) counted as one more source, or None.
+
+  The mazes are drawn again exactly as the trainer drew them (same keys, same held-out table), so
+  `overlap_report` of the result measures what the run trained on.
+  """
+  @functools.partial(jax.jit, static_argnums=(1,))
+  def draw_bits(keys, num):
+    grids = jax.vmap(lambda key: maze.draw_training_mazes(key, num, size, heldout_table)[0])(keys)
+    return maze.passage_bits(grids.reshape((-1, size, size)))
+
+  sources = {}
+  for phase, keys in draw_keys.items():
+    parts = []
+    for start in range(0, keys.shape[0], chunk):
+      part = keys[start:start + chunk]
+      count = part.shape[0]
+      if count < chunk:  # Pad to one shape (one compilation); the padding is dropped below.
+        part = jnp.concatenate([part, jnp.broadcast_to(part[:1], (chunk - count,) + part.shape[1:])])
+      parts.append(np.asarray(draw_bits(part, batch_sizes[phase]))[:count * batch_sizes[phase]])
+    sources[phase] = np.concatenate(parts) if parts else np.zeros((0, maze.num_passages(size)), bool)
+  if pool is not None:
+    sources["fixed_pool"] = np.asarray(maze.passage_bits(jnp.asarray(pool)))
+  return sources
+
+
+def overlap_report(sources: dict[str, np.ndarray], heldout_grids: np.ndarray) -> dict:
+  """{"drawn", "distinct", "overlap_with_heldout"} per source and for "all", from passage bits [n, E].
+
+  `overlap_with_heldout` counts distinct training mazes equal to a held-out maze, compared by passage bits
+  (exactly, not by hash); the trainers guarantee 0.
+  """
+  heldout = {row.tobytes() for row in np.packbits(np.asarray(maze.passage_bits(jnp.asarray(heldout_grids))), axis=1)}
+  report = {}
+  everything = []
+  for name, bits in list(sources.items()) + [("all", None)]:
+    if bits is None:
+      bits = np.concatenate(everything) if everything else np.zeros((0, 1), bool)
+    else:
+      everything.append(bits)
+    packed = {row.tobytes() for row in np.packbits(bits, axis=1)}
+    report[name] = {"drawn": int(bits.shape[0]), "distinct": len(packed),
+                    "overlap_with_heldout": len(packed & heldout)}
+  return report
 
 
 class _FixedTrainPool:
@@ -155,13 +233,30 @@ class _FixedTrainPool:
 
 def evaluate(eval_fn, params, grids: jax.Array, chunk: int, key: jax.Array, num_samples: int,
              ks, temperature: float) -> dict[str, float]:
-  """Held-out pass@k (unbiased, from num_samples samples per maze) and the mean pass rate."""
+  """Held-out metrics from `num_samples` samples per maze of `grids` [M, S, S].
+
+  Returns {"pass@k": unbiased pass@k averaged over mazes, "pass@k_se": its standard error over mazes,
+  "best@k_bootstrap": the expectation of the official bootstrap best@k (with replacement; biased low),
+  "pass_rate": mean fraction of correct samples, "fraction_solved": fraction of mazes with one correct sample}.
+  """
   counts = []
   for i in range(0, grids.shape[0], chunk):
     counts.append(eval_fn(params, grids[i:i + chunk], jax.random.fold_in(key, i), jnp.float32(temperature)))
   counts = jnp.concatenate(counts)
-  pass_at = np.asarray(jnp.mean(metrics_lib.pass_at_k(num_samples, counts, list(ks)), axis=0))
-  result = {f"pass@{k}": float(v) for k, v in zip(ks, pass_at)}
+  per_maze = np.asarray(metrics_lib.pass_at_k(num_samples, counts, list(ks)), np.float64)  # [M, len(ks)]
+  num_mazes = per_maze.shape[0]
+  # Standard error over mazes of the per-maze unbiased estimates: it covers both the choice of held-out mazes
+  # and the sampling noise within each maze.
+  se = per_maze.std(axis=0, ddof=1) / np.sqrt(num_mazes) if num_mazes > 1 else np.zeros(len(ks))
+  result = {}
+  for i, k in enumerate(ks):
+    result[f"pass@{k}"] = float(per_maze[:, i].mean())
+    result[f"pass@{k}_se"] = float(se[i])
+  # The official code's log metric: the best of k samples drawn WITH replacement from the n (a bootstrap);
+  # this is its exact expectation, 1 - (1 - c/n)^k, which is below the unbiased pass@k (docs/fidelity.md).
+  fail_rate = 1.0 - np.asarray(counts, np.float64) / num_samples
+  for k in ks:
+    result[f"best@{k}_bootstrap"] = float(np.mean(1.0 - fail_rate ** k))
   result["pass_rate"] = float(jnp.mean(counts) / num_samples)
   result["fraction_solved"] = float(jnp.mean(counts > 0))
   return result
@@ -192,10 +287,51 @@ def load_sft_params(config: ml_collections.ConfigDict, workdir: str):
   return model_fns, state.params
 
 
+def _sft_source_config(config: ml_collections.ConfigDict) -> dict:
+  """The config (as a dict) that trained this run's SFT policy: this run's, or that of `sft.init_from`."""
+  if not config.sft.init_from:
+    return config.to_dict()
+  path = os.path.join(config.sft.init_from, "config.json")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"config.sft.init_from: cannot read {path} ({e}); point it at a finished maze run's "
+                     "workdir.") from e
+
+
+def check_sft_source(config: ml_collections.ConfigDict) -> None:
+  """`sft.init_from` must hold a run on the same mazes and held-out set (so its SFT excluded the same mazes)."""
+  if not config.sft.init_from:
+    return
+  source = _sft_source_config(config)
+  mine = config.to_dict()
+  for group, field in (("maze", "size"), ("maze", "data_dir"), ("eval", "num_mazes")):
+    if source.get(group, {}).get(field) != mine[group][field]:
+      raise ValueError(
+          f"config.sft.init_from: {config.sft.init_from!r} was trained with {group}.{field}="
+          f"{source.get(group, {}).get(field)!r}, this run uses {mine[group][field]!r}; an SFT policy is only "
+          "shared between runs on the same maze size and held-out set.")
+
+
+def _training_draw_keys(config, keys, rl_steps: int):
+  """({phase: keys [steps]}, {phase: mazes per step}) of the fresh training draws of SFT and RL."""
+  source = _sft_source_config(config)
+  sft_key = jax.random.fold_in(jax.random.key(source["seed"]), _KEY_SFT_DATA)
+  sft_steps = source["sft"]["steps"]
+  draw_keys = {"sft": jax.vmap(lambda s: jax.random.fold_in(sft_key, s))(jnp.arange(1, sft_steps + 1))}
+  batch_sizes = {"sft": source["sft"]["batch_size"]}
+  if config.maze.train_data == "fresh":
+    draw_keys["rl"] = jax.vmap(lambda s: jax.random.fold_in(keys[_KEY_RL_DATA], s))(jnp.arange(1, rl_steps + 1))
+    batch_sizes["rl"] = config.rollout.num_prompts
+  return draw_keys, batch_sizes
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) SFT then RL on mazes and returns the summary written to <workdir>/summary.json."""
   sharding.initialize_distributed(config.get("mesh"))  # Multi-host: before any JAX computation.
   validate_config(config)
+  check_sft_source(config)
   # Batches split over every device; parameters and optimizer state by config.mesh.param_rules.
   mesh = sharding.make_mesh(config.get("mesh"))
   param_rules = sharding.MeshConfig.from_config(config.get("mesh")).param_rules
@@ -220,9 +356,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  num_test=config.eval.num_mazes)
   if not sharding.is_chief():
     sharding.barrier("tfds_build")  # Process 0 builds the dataset (if missing) before the others read it.
-  eval_grids = jnp.asarray(load_split("test"))
+  eval_grids_np = load_split("test")
   if sharding.is_chief():
     sharding.barrier("tfds_build")
+  heldout = check_heldout_room(eval_grids_np, size)
+  eval_grids = jnp.asarray(eval_grids_np)
+  heldout_table = jnp.asarray(maze.hash_table(eval_grids_np))  # Never drawn for SFT or RL training.
 
   sft_ckpt = checkpoints.PhaseCheckpointer(workdir, "sft", config.keep_checkpoints)
   rl_ckpt = checkpoints.PhaseCheckpointer(workdir, "rl", config.keep_checkpoints)
@@ -262,7 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.truncate(lambda r: r.get("phase") == "sft" and r.get("step", 0) <= sft_resume)
     sft_step = train_steps.make_sft_step(model_fns, sft_tx, state_sharding=state_sharding,
                                          batch_sharding=batch_sharding)
-    sft_batch = _sft_batch_fn(config, batch_sharding)
+    sft_batch = _sft_batch_fn(config, batch_sharding, heldout_table)
     state = training_loop.run_phase(
         "sft", state, lambda s, step: sft_step(s, sft_batch(jax.random.fold_in(keys[_KEY_SFT_DATA], step))),
         start=sft_resume, end=config.sft.steps, writer=writer, save=sft_ckpt.save,
@@ -298,10 +437,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   num_prompts = config.rollout.num_prompts
   if config.maze.train_data == "fixed":
-    pool = _FixedTrainPool(load_split("train"), num_prompts, keys[_KEY_RL_DATA])
+    pool_grids = load_split("train")  # The TFDS train split excludes the test split's mazes.
+    if int(maze.count_in_table(jnp.asarray(pool_grids), heldout_table)):
+      raise ValueError(f"The fixed training pool under {data_dir} holds held-out mazes; it was written by an "
+                       "older version of the dataset. Delete that directory to rebuild it.")
+    pool = _FixedTrainPool(pool_grids, num_prompts, keys[_KEY_RL_DATA])
     next_grids = pool.batch
   else:
-    fresh = jax.jit(lambda key: maze.generate_mazes(key, num_prompts, size), out_shardings=batch_sharding)
+    fresh = jax.jit(lambda key: maze.draw_training_mazes(key, num_prompts, size, heldout_table)[0],
+                    out_shardings=batch_sharding)
+    pool_grids = None
     pool = None
     next_grids = lambda step: fresh(jax.random.fold_in(keys[_KEY_RL_DATA], step))
 
@@ -325,6 +470,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   final = {k: v for k, v in evals[final_step].items() if k not in ("phase", "step")}
   after_sft = {k: v for k, v in evals[0].items() if k not in ("phase", "step")}
   ks = list(config.eval.ks)
+  draw_keys, batch_sizes = _training_draw_keys(config, keys, final_step)
+  training_mazes = overlap_report(
+      training_maze_bits(draw_keys, batch_sizes, size, heldout_table, pool=pool_grids), eval_grids_np)
+  if training_mazes["all"]["overlap_with_heldout"]:
+    raise RuntimeError(f"{training_mazes['all']['overlap_with_heldout']} held-out mazes were drawn for "
+                       f"training ({training_mazes}); the held-out results of {workdir} are not valid.")
   summary = {
       "objective": objective.name,
       "objective_kwargs": estimators.kwargs_from_config(objective),
@@ -334,13 +485,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "eval_num_mazes": config.eval.num_mazes,
       "eval_num_samples": config.eval.num_samples,
       "improvement": {f"pass@{k}": final[f"pass@{k}"] - after_sft[f"pass@{k}"] for k in ks},
+      # The held-out set and every maze the run trained on (SFT and RL), regenerated from their keys.
+      "heldout_mazes": heldout,
+      "training_mazes": training_mazes,
       "wall_time_s_this_launch": time.time() - start_time,
   }
   if sharding.is_chief():
     run_logging.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
-  rows = [{"policy": "after SFT", **after_sft}, {"policy": f"after RL ({objective.name}, {final_step} steps)", **final}]
+  def with_se(result):
+    cells = {f"pass@{k}": f"{result[f'pass@{k}']:.4f} ± {result.get(f'pass@{k}_se', 0.0):.4f}" for k in ks}
+    return {**cells, "fraction_solved": result["fraction_solved"]}
+
+  rows = [{"policy": "after SFT", **with_se(after_sft)},
+          {"policy": f"after RL ({objective.name}, {final_step} steps)", **with_se(final)}]
   print(run_logging.format_table(
       rows, ["policy"] + [f"pass@{k}" for k in ks] + ["fraction_solved"],
-      title=f"Held-out mazes ({config.eval.num_mazes} mazes {size}x{size}, "
-            f"{config.eval.num_samples} samples each, temperature {config.eval.temperature})"))
+      title=f"Held-out mazes ({config.eval.num_mazes} mazes {size}x{size}, never trained on; "
+            f"{config.eval.num_samples} samples each, temperature {config.eval.temperature}; ± standard error "
+            f"over mazes). Trained on {training_mazes['all']['distinct']} distinct mazes, "
+            f"{training_mazes['all']['overlap_with_heldout']} of them held out."))
   return summary

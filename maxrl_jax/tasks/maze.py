@@ -227,6 +227,143 @@ def generate_mazes(rng: jax.Array, num_mazes: int, size: int) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Held-out mazes: identities and exclusion from training draws.
+
+# Redraws of one training maze that landed in the held-out set, before giving up (`draw_training_mazes`).
+# `heldout_mass` bounds the chance of giving up: a trainer refuses a held-out set whose share of the maze
+# distribution is so large that (share)^MAX_REDRAWS is not negligible.
+MAX_REDRAWS = 32
+
+
+def num_passages(size: int) -> int:
+    """Number of wall positions between adjacent odd cells, 2 n (n - 1) for n = (S-1)/2 (112 at S = 17).
+
+    A Prim maze is a spanning tree over the n x n odd cells; which of these positions are carved determines
+    it completely (every other cell of the grid is a wall or an odd cell, the same in every maze).
+    """
+    half = (check_maze_size(size) - 1) // 2
+    return 2 * half * (half - 1)
+
+
+def passage_bits(grids: jax.Array) -> jax.Array:
+    """The maze's identity: bool [..., 2 n (n - 1)], True where a passage between two odd cells is carved.
+
+    Horizontal passages (rows 2i+1, columns 2j+2) come first, then vertical ones (rows 2i+2, columns 2j+1),
+    row-major. Two grids of the same side are the same maze exactly when their passage bits are equal.
+    """
+    size = grids.shape[-1]
+    _check_grids(grids.reshape((-1, size, size)), 3)
+    horizontal = grids[..., 1::2, 2:-1:2]  # [..., n, n - 1]
+    vertical = grids[..., 2:-1:2, 1::2]  # [..., n - 1, n]
+    flat = jnp.concatenate(
+        [horizontal.reshape(grids.shape[:-2] + (-1,)), vertical.reshape(grids.shape[:-2] + (-1,))], axis=-1)
+    return flat == 0
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """A bijection of uint32 (the 32-bit finaliser of MurmurHash3)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def maze_hashes(grids: jax.Array) -> jax.Array:
+    """A uint32 hash of each maze's passage bits: uint32 [...] for grids [..., S, S] (jittable).
+
+    Equal mazes always have equal hashes, so a maze whose hash is not in a set of hashes is certainly not in
+    the corresponding set of mazes; that is all the exclusion of held-out mazes relies on. Up to 32 passages
+    (S <= 9) the hash is injective (the passage bits packed into one word, then a bijection), so there are no
+    false matches; beyond that two different mazes share a hash with probability about 2^-32.
+    """
+    bits = passage_bits(grids).astype(jnp.uint32)  # [..., E]
+    num_bits = bits.shape[-1]
+    num_words = max(1, -(-num_bits // 32))
+    bits = jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, 32 * num_words - num_bits)])
+    words = bits.reshape(bits.shape[:-1] + (num_words, 32))
+    words = jnp.sum(words << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)  # [..., W]
+    if num_words == 1:
+        return _mix32(words[..., 0])
+    hashed = jnp.full(words.shape[:-1], num_bits, jnp.uint32)
+    for w in range(num_words):
+        hashed = _mix32(hashed * jnp.uint32(0x9E3779B1) ^ _mix32(words[..., w] + jnp.uint32(w)))
+    return hashed
+
+
+def hash_table(grids) -> np.ndarray:
+    """Sorted unique uint32 hashes of a set of mazes [M, S, S]: the table `draw_training_mazes` excludes."""
+    return np.unique(np.asarray(maze_hashes(jnp.asarray(grids))))
+
+
+def in_table(hashes: jax.Array, table: jax.Array) -> jax.Array:
+    """bool, same shape as `hashes`: whether each hash is in the sorted uint32 `table` [T] (T may be 0)."""
+    if table.shape[0] == 0:
+        return jnp.zeros(hashes.shape, jnp.bool_)
+    index = jnp.clip(jnp.searchsorted(table, hashes), 0, table.shape[0] - 1)
+    return table[index] == hashes
+
+
+def draw_training_mazes(rng: jax.Array, num_mazes: int, size: int, excluded: jax.Array | None = None
+                        ) -> tuple[jax.Array, jax.Array]:
+    """Fresh training mazes that are never held-out mazes: (int8 [num_mazes, S, S], int32 redraws []).
+
+    Maze i is first drawn exactly as `generate_mazes(rng, num_mazes, size)[i]` (key `fold_in(rng, i)`); while
+    its hash is in `excluded` (a sorted uint32 table from `hash_table`), it is drawn again from
+    `fold_in(fold_in(rng, i), attempt)`, at most MAX_REDRAWS times (a bounded `lax.while_loop`). The result
+    is therefore the Prim law conditioned on not being held out, and equal to `generate_mazes` whenever no
+    draw hits the table. `redraws` counts the redraws made. If a maze is still held out after MAX_REDRAWS
+    redraws (probability share^MAX_REDRAWS, which trainers keep negligible by refusing large shares, see
+    `heldout_mass`), it is returned as drawn; `count_in_table` on the output detects it.
+
+    Jittable with `num_mazes` and `size` static.
+    """
+    if isinstance(num_mazes, bool) or not isinstance(num_mazes, (int, np.integer)) or num_mazes < 1:
+        raise ValueError(f"num_mazes must be a positive Python int, got {num_mazes!r}.")
+    maze_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(int(num_mazes), dtype=jnp.uint32))
+    return draw_training_mazes_from_keys(maze_keys, size, excluded)
+
+
+def draw_training_mazes_from_keys(maze_keys: jax.Array, size: int, excluded: jax.Array | None = None
+                                  ) -> tuple[jax.Array, jax.Array]:
+    """`draw_training_mazes` with maze i drawn from `maze_keys[i]` (redraws from `fold_in(maze_keys[i], a)`)."""
+    grids = generate_mazes_from_keys(maze_keys, size)
+    if excluded is None or excluded.shape[0] == 0:
+        return grids, jnp.zeros((), jnp.int32)
+
+    def held_out(g):
+        return in_table(maze_hashes(g), excluded)
+
+    def cond(state):
+        _, hit, attempt, _ = state
+        return jnp.any(hit) & (attempt <= MAX_REDRAWS)
+
+    def body(state):
+        grids, hit, attempt, redraws = state
+        keys = jax.vmap(lambda key: jax.random.fold_in(key, attempt))(maze_keys)
+        fresh = generate_mazes_from_keys(keys, size)
+        grids = jnp.where(hit[:, None, None], fresh, grids)
+        redraws = redraws + jnp.sum(hit, dtype=jnp.int32)
+        return grids, hit & held_out(fresh), attempt + 1, redraws
+
+    grids, _, _, redraws = jax.lax.while_loop(
+        cond, body, (grids, held_out(grids), jnp.uint32(1), jnp.zeros((), jnp.int32)))
+    return grids, redraws
+
+
+def count_in_table(grids: jax.Array, table: jax.Array) -> jax.Array:
+    """int32: how many of the mazes [M, S, S] have their hash in the sorted table (0 for a clean draw)."""
+    return jnp.sum(in_table(maze_hashes(grids), table), dtype=jnp.int32)
+
+
+def heldout_mass(heldout_grids, size: int, num_draws: int = 4096, seed: int = 0) -> float:
+    """Share of the Prim law taken by a held-out set: the fraction of `num_draws` fresh mazes in it."""
+    table = jnp.asarray(hash_table(heldout_grids))
+    draws = jax.jit(generate_mazes, static_argnums=(1, 2))(jax.random.key(seed), num_draws, size)
+    return float(count_in_table(draws, table)) / num_draws
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Shortest paths.
 
 
@@ -383,7 +520,8 @@ def encode_targets(
     return tokens.astype(jnp.int32), positions <= lengths + 1
 
 
-def sft_batch(rng: jax.Array, batch_size: int, size: int, max_response_len: int) -> dict[str, jax.Array]:
+def sft_batch(rng: jax.Array, batch_size: int, size: int, max_response_len: int,
+              excluded: jax.Array | None = None) -> dict[str, jax.Array]:
     """A supervised batch of fresh mazes with their BFS shortest paths (jittable; the ints are static).
 
     Args:
@@ -391,6 +529,8 @@ def sft_batch(rng: jax.Array, batch_size: int, size: int, max_response_len: int)
       batch_size: B.
       size: odd maze side S >= 5.
       max_response_len: R >= min_response_length(S) (128 at S = 17; the paper's cap is 180).
+      excluded: optional sorted uint32 hash table of held-out mazes (`hash_table`) never to train on; the
+        mazes come from `draw_training_mazes` (equal to `generate_mazes` when no draw is held out).
 
     Returns a dict:
       inputs: int32 [B, Lp + R], the prompt (Lp = prompt_length(S)) followed by the target response
@@ -407,7 +547,7 @@ def sft_batch(rng: jax.Array, batch_size: int, size: int, max_response_len: int)
             f"max_response_len={max_response_len} is too short for size {size}: the longest Prim path needs "
             f"{min_response_length(size)} tokens (moves + DONE + EOS); raise it."
         )
-    grids = generate_mazes(rng, batch_size, size)
+    grids, _ = draw_training_mazes(rng, batch_size, size, excluded)
     actions, lengths = shortest_path_actions_batch(grids)
     prompts = encode_prompts(grids)
     targets, target_mask = encode_targets(actions, lengths, max_response_len)

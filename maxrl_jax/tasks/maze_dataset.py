@@ -11,9 +11,11 @@ only `tensorflow_datasets` and `array_record`, not TensorFlow.
 
 Content. Config `size{S}_train{T}_test{E}` holds T train and E test mazes of side S. Maze i of a split is
 `maze.generate_maze(fold_in(fold_in(fold_in(key(DATASET_SEED), S), split_id), i), S)` with split_id 0 for
-train and 1 for test, so maze i does not depend on T or E (a config with fewer examples holds a prefix of
-a larger one) and the splits use keys that a trainer seeding `generate_mazes` from `config.seed` does not
-produce by accident. Examples are stored in index order (shuffling disabled). Features:
+train and 1 for test, so test maze i does not depend on T or E (a config with fewer examples holds a
+prefix of a larger one) and the splits use keys that a trainer seeding `generate_mazes` from `config.seed` does not
+produce by accident. The train split never contains a test maze: a train draw equal to one of the config's
+E test mazes is redrawn from `fold_in(key_i, attempt)` (so train maze i depends on E, and only where the first
+draw was a test maze). Examples are stored in index order (shuffling disabled). Features:
 
     grid: uint8 [S, S], 1 = wall, 0 = free (start (1, 1), goal (S-2, S-2));
     shortest_path_length: int32, moves of the BFS shortest path;
@@ -90,25 +92,33 @@ def split_key(size: int, split: str) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("size",))
-def _mazes_and_lengths(key: jax.Array, indices: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
-    """Mazes int8 [C, S, S] for maze indices [C] of the split with key `key`, and their path lengths [C]."""
+def _mazes_and_lengths(key: jax.Array, indices: jax.Array, size: int, excluded: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+    """Mazes int8 [C, S, S] for maze indices [C] of the split with key `key`, and their path lengths [C].
+
+    Mazes whose hash is in the sorted table `excluded` are redrawn (`maze.draw_training_mazes_from_keys`).
+    """
     keys = jax.vmap(lambda index: jax.random.fold_in(key, index))(indices)
-    grids = maze.generate_mazes_from_keys(keys, size)
+    grids, _ = maze.draw_training_mazes_from_keys(keys, size, excluded)
     _, lengths = maze.shortest_path_actions_batch(grids)
     return grids, lengths
 
 
-def split_mazes(size: int, split: str, num_examples: int) -> tuple[np.ndarray, np.ndarray]:
+def split_mazes(size: int, split: str, num_examples: int, excluded=None) -> tuple[np.ndarray, np.ndarray]:
     """Generates mazes 0..num_examples-1 of a split: grids int8 [n, S, S] and path lengths int32 [n].
 
+    `excluded`: optional mazes [M, S, S] the split must not contain (the builder passes the test split when
+    it writes the train split); each maze of the split that is one of them is redrawn from its own key.
     This is what the builder writes; `load_maze_split` reads the written copy.
     """
     num_examples = _check_count(num_examples, "num_examples", allow_zero=True)
     key = split_key(size, split)
+    table = jnp.asarray(maze.hash_table(excluded) if excluded is not None and len(excluded)
+                        else np.zeros((0,), np.uint32))
     grids, lengths = [], []
     for start in range(0, num_examples, _CHUNK):
         indices = jnp.arange(start, start + _CHUNK, dtype=jnp.uint32)  # fixed shape: one compilation
-        chunk_grids, chunk_lengths = _mazes_and_lengths(key, indices, size)
+        chunk_grids, chunk_lengths = _mazes_and_lengths(key, indices, size, table)
         count = min(_CHUNK, num_examples - start)
         grids.append(np.asarray(chunk_grids)[:count])
         lengths.append(np.asarray(chunk_lengths)[:count])
@@ -120,8 +130,11 @@ def split_mazes(size: int, split: str, num_examples: int) -> tuple[np.ndarray, n
 class MaxrlMaze(tfds.core.GeneratorBasedBuilder):
     """Randomised-Prim mazes with fixed seeds; one config per (size, train size, test size)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: Prim mazes from JAX keys, grid/shortest_path_length/index."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release: Prim mazes from JAX keys, grid/shortest_path_length/index.",
+        "1.1.0": "The train split excludes the test split's mazes (a train draw equal to a test maze is redrawn).",
+    }
     BUILDER_CONFIGS = [maze_config(maze.PAPER_MAZE_SIZE), maze_config(9)]
     DEFAULT_CONFIG_NAME = config_name(maze.PAPER_MAZE_SIZE, DEFAULT_NUM_TRAIN, DEFAULT_NUM_TEST)
     # TFDS 4.9.10 works out `code_path` for a builder defined in a package through
@@ -152,13 +165,15 @@ class MaxrlMaze(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
         config = self.builder_config
+        test_grids, _ = split_mazes(config.size, "test", config.num_test)
         return {
-            "train": self._generate_examples(config.size, "train", config.num_train),
+            # The train split never holds a test maze: such a draw is redrawn from the maze's own key.
+            "train": self._generate_examples(config.size, "train", config.num_train, excluded=test_grids),
             "test": self._generate_examples(config.size, "test", config.num_test),
         }
 
-    def _generate_examples(self, size: int, split: str, num_examples: int):
-        grids, lengths = split_mazes(size, split, num_examples)
+    def _generate_examples(self, size: int, split: str, num_examples: int, excluded=None):
+        grids, lengths = split_mazes(size, split, num_examples, excluded)
         for index in range(num_examples):
             yield index, {
                 "grid": grids[index].astype(np.uint8),
