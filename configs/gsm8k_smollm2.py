@@ -11,14 +11,18 @@ Weights and data are never downloaded: point the config at local copies.
     python -m maxrl_jax.main --config=configs/gsm8k_smollm2.py:tiny --workdir=/tmp/tiny   # CPU, seconds
 
 Presets (after the colon): `paper` (default; 256 prompts x 128 rollouts, lr 1e-5, 1500 steps, responses up
-to 2048 tokens, pass@k up to 1024 on the held-out set), `smoke` (the paper's settings shrunk to run in
-minutes on one accelerator with real weights) and `tiny` (a tiny random Llama checkpoint and synthetic
-"What is a + b?" problems written into the workdir: the whole path end to end on a CPU; used by the tests).
+to 2048 tokens, pass@k up to 1024 on the held-out set, and the official script's (smollm/smollm.sh of
+tajwarfahim/maxrl) other settings: token-mean loss, AdamW betas (0.9, 0.999) and weight decay 0.01, prompts
+up to 512 tokens, reward 0 at the length cap, 32 samples per problem at the evaluations during training),
+`smoke` (the paper's settings shrunk to run in minutes on one accelerator with real weights) and `tiny` (a
+tiny random Llama checkpoint and synthetic "What is a + b?" problems written into the workdir: the whole path
+end to end on a CPU; used by the tests; without the length-cap rule).
 docs/language_models.md gives the memory each preset needs.
 """
 
 import ml_collections
 
+# The question + " " + this, as the official GSM8K preprocessing (examples/maxrl_data_preprocess/gsm8k.py).
 PAPER_PROMPT_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 
 
@@ -54,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.data.chat_template = "auto"  # The checkpoint's jinja template; or chatml | smollm2 | qwen2.5 | qwen3 | none.
   cfg.data.template_kwargs = ml_collections.ConfigDict()  # Extra jinja variables, e.g. enable_thinking.
   cfg.data.extra_stop_tokens = ()  # Token strings that also end a rollout.
-  cfg.data.max_prompt_tokens = 256  # Longer prompts are dropped (counted in summary.json).
+  cfg.data.max_prompt_tokens = 512  # Longer prompts are dropped (counted in summary.json); official: 512.
   cfg.data.prompt_bucket = 64  # Prompt widths are multiples of this (fewer compilations).
   cfg.data.synthetic = False  # True: synthetic "What is a + b?" train / test JSONL written to the workdir.
   cfg.data.synthetic_train_size = 64
@@ -80,10 +84,14 @@ def base_config() -> ml_collections.ConfigDict:
   # Verifier: the last \boxed{...} compared with the reference (numbers exactly, sympy otherwise).
   cfg.verifier = ml_collections.ConfigDict()
   cfg.verifier.answer_mode = "boxed"
-  cfg.verifier.timeout_s = 5.0  # Per response; slower ones score 0.
-  cfg.verifier.num_threads = 8
+  cfg.verifier.timeout_s = 5.0  # sympy time per response; slower ones score 0 (their worker is killed).
+  cfg.verifier.num_threads = 8  # Threads, and at most this many sympy worker processes.
   cfg.verifier.symbolic = True
-  cfg.verifier.zero_truncated = False  # True: responses that hit max_new_tokens score 0.
+  cfg.verifier.memory_limit_mb = 1024  # Address-space cap of each sympy worker (0: none).
+  # Reward 0 for responses whose length reaches the token cap (max_new_tokens), stopped or not, in training
+  # and evaluation (and no majority vote from them): the official GSM8K script's
+  # zero_reward_on_max_response_length=True. False scores them like any other response.
+  cfg.verifier.zero_truncated = True
 
   # The objective: an estimator of maxrl_jax.estimators and the loss reduction.
   cfg.objective = ml_collections.ConfigDict()
@@ -91,10 +99,16 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.objective.order = ml_collections.config_dict.placeholder(int)  # T, for maclaurin.
   cfg.objective.k = ml_collections.config_dict.placeholder(int)  # k, for pkpo (the paper's table: 16).
   cfg.objective.zero_failed_groups = True
-  cfg.objective.reduction = "sequence_sum"
+  # "token_mean": sum over every response token / number of tokens, verl's default and the official
+  # scripts' (the paper's appendix writes the 1/T form). It weights each rollout by its length, so it is not
+  # an unbiased estimate of the objective's gradient; "sequence_sum" (sum over a rollout's tokens, mean over
+  # rollouts) is. The two differ in scale by about the mean response length: with grad_clip the effective
+  # step differs too.
+  cfg.objective.reduction = "token_mean"
   cfg.objective.entropy_coef = 0.0
 
-  # RL optimiser: AdamW, one update per step (on-policy). Betas / weight decay: verl's defaults.
+  # RL optimiser: AdamW, one update per step (on-policy). Betas / weight decay / clip: verl's defaults, which
+  # the official GSM8K script keeps (fsdp_workers.py: betas (0.9, 0.999); ppo_trainer.yaml: 0.01, clip 1.0).
   cfg.rl = ml_collections.ConfigDict()
   cfg.rl.steps = 1500  # ~51 epochs of GSM8K train at 256 prompts per step.
   cfg.rl.learning_rate = 1e-5
@@ -113,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.eval.samples_per_call = 128
   cfg.eval.prompt_chunk = 2
   cfg.eval.ks = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+  # Samples per problem at the evaluations between the first and the last (0: eval.num_samples): the official
+  # scripts validate with 32 every 100 steps; the first and last use num_samples for pass@k up to 1024.
+  cfg.eval.periodic_num_samples = 32
   cfg.eval.temperature = 0.6  # The paper's validation sampling.
   cfg.eval.top_p = 0.95
   cfg.eval.max_new_tokens = 2048
@@ -160,6 +177,7 @@ def apply_tiny(cfg: ml_collections.ConfigDict, architecture: str) -> None:
   cfg.rollout.prompt_chunk = 2
   cfg.rollout.length_bucket = 8
   cfg.verifier.num_threads = 2
+  cfg.verifier.zero_truncated = False  # Off: SFT targets are cut to 8 tokens, so tiny responses reach the cap.
   cfg.rl.steps = 4
   cfg.rl.learning_rate = 1e-4
   cfg.rl.micro_batch_prompts = 2
@@ -169,6 +187,7 @@ def apply_tiny(cfg: ml_collections.ConfigDict, architecture: str) -> None:
   cfg.eval.samples_per_call = 4
   cfg.eval.prompt_chunk = 4
   cfg.eval.ks = (1, 4, 8)
+  cfg.eval.periodic_num_samples = 0
   cfg.eval.max_new_tokens = 8
   cfg.eval.every_steps = 4
   cfg.log_every_steps = 2
@@ -195,6 +214,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.eval.samples_per_call = 16
     cfg.eval.prompt_chunk = 8
     cfg.eval.ks = (1, 4, 16)
+    cfg.eval.periodic_num_samples = 0
     cfg.eval.max_new_tokens = 512
     cfg.eval.every_steps = 10
     cfg.checkpoint_every_steps = 10

@@ -247,6 +247,38 @@ def test_micro_batched_update_equals_policy_update(pad_model):
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state_a.params, state_b.params)
 
 
+# ------------------------------------------------------------------------------------------------ rewards
+
+
+class _AllCorrect:
+  """A verifier stand-in that scores every response 1."""
+  last_stats = {"verify_timeouts": 0}
+
+  def __call__(self, texts, references):
+    return np.ones(len(texts), np.float32)
+
+
+@pytest.mark.parametrize("zero_truncated", [False, True])
+def test_zero_reward_at_the_length_cap(tokenizer_dir, zero_truncated):
+  """With zero_truncated, a response whose length reaches max_new_tokens scores 0 whether or not its last
+  token was the stop token (verl's zero_reward_on_max_response_length); shorter ones keep their reward."""
+  tokenizer = tok.TextTokenizer.from_pretrained(tokenizer_dir)
+  sampler = text_train.Sampler(None, tokenizer, _AllCorrect(), mesh=None, params_sharding=None, stop_tokens=(),
+                               pad_id=tokenizer.pad_id, prompt_bucket=8, max_prompt_tokens=8,
+                               zero_truncated=zero_truncated)
+  max_new_tokens = 6
+  lengths = np.asarray([[2, 6, 6, 5]], np.int32)  # [P=1, N=4]
+  stopped = np.asarray([[True, True, False, False]])
+  tokens = np.full((1, 4, max_new_tokens), tokenizer.pad_id, np.int32)
+  rollouts = sampling.Rollouts(tokens=tokens, logprobs=np.zeros(tokens.shape, np.float32),
+                               mask=np.arange(max_new_tokens) < lengths[..., None], lengths=lengths,
+                               stopped=stopped, num_steps=np.int32(max_new_tokens))
+  result = sampler.host_results(rollouts, ["7"])
+  expected = [[1, 0, 0, 1]] if zero_truncated else [[1, 1, 1, 1]]
+  np.testing.assert_array_equal(result["rewards"], expected)
+  np.testing.assert_array_equal(result["zeroed_at_cap"], np.asarray(expected) == 0)
+
+
 # ------------------------------------------------------------------------------------------------ trainer
 
 
@@ -325,6 +357,30 @@ def test_registered_in_main_and_presets_validate():
   assert qwen3_math.get_config("tiny").model.synthetic == "qwen3"
 
 
+def test_paper_presets_follow_the_official_scripts():
+  """smollm/smollm.sh and qwen3_experiments/run_qwen3_training.sh of tajwarfahim/maxrl, with verl defaults."""
+  paper, qwen = gsm8k_smollm2.get_config(), qwen3_math.get_config()
+  for config in (paper, qwen):
+    assert config.objective.reduction == "token_mean"
+    assert (config.rl.b1, config.rl.b2, config.rl.weight_decay, config.rl.warmup_steps) == (0.9, 0.999, 0.01, 0)
+    assert (config.eval.temperature, config.eval.top_p, config.eval.periodic_num_samples) == (0.6, 0.95, 32)
+    assert config.rollout.temperature == 1.0
+  assert (paper.rl.grad_clip, paper.data.max_prompt_tokens, paper.verifier.zero_truncated) == (1.0, 512, True)
+  assert paper.data.prompt_suffix == " Let's think step by step and output the final answer within \\boxed{}."
+  assert (paper.eval.every_steps, paper.eval.num_samples) == (100, 1024)
+  assert (qwen.rl.grad_clip, qwen.data.max_prompt_tokens, qwen.verifier.zero_truncated) == (0.3, 1024, False)
+  assert qwen.data.prompt_suffix == "\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+  assert qwen.eval.every_steps == 50
+  # Periodic evaluations use 32 samples and the ks that fit; the first and last use all of them.
+  assert text_train.eval_sizes(paper, full=False) == {"num_samples": 32, "samples_per_call": 32,
+                                                      "ks": (1, 2, 4, 8, 16, 32)}
+  assert text_train.eval_sizes(paper, full=True) == {"num_samples": 1024, "samples_per_call": 128,
+                                                     "ks": tuple(paper.eval.ks)}
+  tiny = gsm8k_smollm2.get_config("tiny")
+  assert text_train.eval_sizes(tiny, full=False) == text_train.eval_sizes(tiny, full=True)
+  assert not tiny.verifier.zero_truncated
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("model.path", "", "model.path"),
     ("rollout.prompt_chunk", 3, "rollout.prompt_chunk"),
@@ -333,6 +389,9 @@ def test_registered_in_main_and_presets_validate():
     ("data.chat_template", "llama9", "data.chat_template"),
     ("objective.name", "ppo", "objective.name"),
     ("verifier.answer_mode", "last_number", "verifier.answer_mode"),
+    ("eval.periodic_num_samples", 16, "eval.periodic_num_samples"),
+    ("eval.periodic_num_samples", 6, "eval.periodic_num_samples"),
+    ("verifier.memory_limit_mb", -1, "verifier.memory_limit_mb"),
 ])
 def test_invalid_config_is_named(field, value, match):
   config = gsm8k_smollm2.get_config("tiny")

@@ -78,6 +78,35 @@ _SAFETENSORS_DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _SAFETENSORS_CODES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+_MAX_SAFETENSORS_HEADER = 100_000_000  # The safetensors format's own limit on the JSON header.
+_REQUIRED_CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads")
+_RESTORE = "restore it from the original checkpoint (copy or download it again)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JSON files.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_json_file(path: str, what: str = "JSON file") -> dict[str, Any]:
+    """A JSON object from `path`; ValueError naming the file, what it should be and the fix otherwise.
+
+    `what` describes the file in the message (e.g. "model config").
+    """
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): the {what} is "
+                         f"damaged or was replaced by another file; {_RESTORE}.") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not valid JSON (not UTF-8 text): the {what} is damaged or was replaced by a "
+                         f"binary file; {_RESTORE}.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object: it is not a valid {what}; "
+                         f"{_RESTORE}.")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -86,31 +115,58 @@ _SAFETENSORS_CODES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Memory-maps one .safetensors file: {name: read-only array view} (no data is read until used)."""
+    """Memory-maps one .safetensors file: {name: read-only array view} (no data is read until used).
+
+    A damaged file (truncated, an impossible header length, a header that is not the format's JSON, tensors
+    outside the file) raises a ValueError naming the file, the tensor and the fix.
+    """
+    damaged = f"re-download or re-save {os.path.basename(path)}"
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
-            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes).")
+            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes); {damaged}.")
         (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise ValueError(
+                f"{path} is not a valid safetensors file: its first 8 bytes give a header of {header_len} bytes "
+                f"but the file has {size} bytes (the format allows at most {_MAX_SAFETENSORS_HEADER}); the file "
+                f"is truncated or not safetensors: {damaged}.")
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not a safetensors file (bad JSON header: {e}).") from e
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+            raise ValueError(f"{path} is not a safetensors file (bad JSON header: {e}); {damaged}.") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (its header is not a JSON object); {damaged}.")
     start = 8 + header_len
-    tensors = {}
+    entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}.")
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]].newbyteorder("<")
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
+        try:
+            dtype_code, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            begin, end = int(begin), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: the header entry of tensor {name!r} is malformed (needs dtype, shape and two "
+                             f"data_offsets): {str(info)[:200]}; {damaged}.") from None
+        if dtype_code not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype_code!r}.")
+        dtype = _SAFETENSORS_DTYPES[dtype_code].newbyteorder("<")
+        if min(shape, default=0) < 0 or not 0 <= begin <= end:
+            raise ValueError(f"{path}: tensor {name!r} has shape {shape} and data offsets [{begin}, {end}]; "
+                             f"{damaged}.")
         if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
             raise ValueError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}.")
-        tensors[name] = data[start + begin : start + end].view(dtype).reshape(shape)
-    return tensors
+        if start + end > size:
+            raise ValueError(
+                f"{path} is truncated: tensor {name!r} ends at byte {start + end} but the file has {size} bytes "
+                f"(an interrupted download or copy?); {damaged}.")
+        entries[name] = (dtype, shape, begin, end)
+    if not entries:
+        return {}
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    return {name: data[start + begin:start + end].view(dtype).reshape(shape)
+            for name, (dtype, shape, begin, end) in entries.items()}
 
 
 def write_safetensors(
@@ -149,8 +205,10 @@ def read_checkpoint_tensors(path: str) -> dict[str, np.ndarray]:
     index_path = os.path.join(path, "model.safetensors.index.json")
     single_path = os.path.join(path, "model.safetensors")
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json_file(index_path, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index_path} has no \"weight_map\" object of tensor name -> shard file: it is not "
+                             f"a valid safetensors index; {_RESTORE}.")
         tensors = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = os.path.join(path, shard)
@@ -188,8 +246,7 @@ def read_hf_config(path: str) -> dict[str, Any]:
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} is missing; {path} is not a Hugging Face model directory.")
-    with open(config_path) as f:
-        return json.load(f)
+    return read_json_file(config_path, "model config")
 
 
 def architecture_of(hf_config: Mapping[str, Any]) -> str:
@@ -234,6 +291,7 @@ def decoder_config_from_hf(
     param_dtype: Any = None,
     max_positions: int | None = None,
     tie_embeddings: bool | None = None,
+    source: str = "config.json",
 ) -> dec.DecoderConfig:
     """DecoderConfig for a HF Llama / Qwen2 / Qwen3 config dict.
 
@@ -242,8 +300,17 @@ def decoder_config_from_hf(
       dtype: compute dtype. param_dtype: storage dtype (default: dtype).
       max_positions: longest sequence to allow (default: max_position_embeddings).
       tie_embeddings: overrides tie_word_embeddings (used when config.json lacks it).
+      source: the file named in errors (the loaders pass config.json's path).
     """
     arch = architecture_of(hf_config)
+    missing = [field for field in _REQUIRED_CONFIG_FIELDS if hf_config.get(field) is None]
+    if missing:
+        raise ValueError(f"{source} lacks {missing}, which a {arch} model needs: it is not the checkpoint's complete "
+                         f"config.json; {_RESTORE}.")
+    for field in _REQUIRED_CONFIG_FIELDS + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+        value = hf_config.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{source}: {field}={value!r} must be a positive integer; {_RESTORE}.")
     act = hf_config.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ValueError(f"hidden_act={act!r} is not supported (SwiGLU with silu only).")
@@ -293,6 +360,7 @@ def load_pretrained_config(path: str, **kwargs) -> dec.DecoderConfig:
     hf_config = read_hf_config(path)
     if "tie_embeddings" not in kwargs and "tie_word_embeddings" not in hf_config:
         kwargs["tie_embeddings"] = "lm_head.weight" not in read_checkpoint_tensors(path)
+    kwargs.setdefault("source", os.path.join(path, "config.json"))
     return decoder_config_from_hf(hf_config, **kwargs)
 
 
@@ -395,14 +463,16 @@ def load_pretrained(
 
     Raises:
       FileNotFoundError: no such directory, config.json or safetensors files.
-      ValueError: unsupported architecture or config field, or missing / misshaped / unexpected tensors
-        (all named).
+      ValueError: unsupported architecture or config field, a config.json / index that is not JSON or lacks
+        required fields, a damaged (e.g. truncated) safetensors file, or missing / misshaped / unexpected
+        tensors (all named, with the file).
     """
     hf_config = read_hf_config(path)
     tensors = read_checkpoint_tensors(path)
     tie = None if "tie_word_embeddings" in hf_config else "lm_head.weight" not in tensors
     config = decoder_config_from_hf(
-        hf_config, dtype=dtype, param_dtype=param_dtype, max_positions=max_positions, tie_embeddings=tie
+        hf_config, dtype=dtype, param_dtype=param_dtype, max_positions=max_positions, tie_embeddings=tie,
+        source=os.path.join(path, "config.json"),
     )
     names = hf_tensor_names(config)
     shapes = {

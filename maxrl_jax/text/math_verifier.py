@@ -15,31 +15,40 @@ Extraction (`extract_answer`):
 
 Normalisation (`normalize_answer`), applied to both sides: strips $ and \( \) delimiters, \left/\right,
 latex spacing (\! \, \; \: \quad ~), \displaystyle, \text{}/\mathrm{}/\textbf{}/\mbox{} wrappers (keeping
-their content), degree signs, "%" and "\%", currency "$", a trailing period, a leading "x =" (one
-variable), units after a number ("12 cm", "5\text{ dollars}" -> the number), thousands separators
-("1,234,567", "1{,}000") and spaces; \dfrac/\tfrac -> \frac; "\frac12" -> "\frac{1}{2}"; "(B)" -> "B".
+their content), braces around the whole answer ("{5}", as in "\boxed{{5}}"), degree signs, "%" and "\%",
+currency "$", a trailing period, a leading "x =" (one variable), units after a number ("12 cm",
+"5\text{ dollars}" -> the number), thousands separators ("1,234,567", "1{,}000") and spaces;
+\dfrac/\tfrac -> \frac; "\frac12" -> "\frac{1}{2}"; "(B)" -> "B".
 
 Comparison (`is_equivalent`), first match wins:
+  0. the raw answer equals the raw reference; otherwise an answer longer than 1,000 characters or nested
+     deeper than 20 brackets scores 0 at once (no normalisation, no sympy);
   1. equal normalised strings;
   2. both parse as exact rational numbers (integers, decimals, scientific notation up to 1e+-100, a/b,
      \frac{a}{b}, mixed numbers 2\frac{1}{2}, signs) and are equal: "5.00" == "5", "0.5" == "1/2";
   3. both are tuples / intervals with the same brackets (or plain comma lists) of equal length, compared
      element by element;
-  4. (symbolic=True and sympy installed) both convert to short sympy expressions (only digits, + - * / ^,
-     parentheses, \frac, \sqrt, \pi, \cdot, single-letter variables and a few function names; nothing else
-     is ever evaluated) and sympy.simplify(a - b) == 0.
+  4. (symbolic=True and sympy installed) both convert to short sympy expressions (at most 80 characters:
+     only digits, + - * / ^, parentheses, \frac, \sqrt, \pi, \cdot, single-letter variables and a few
+     function names; no power of a power, no number in an exponent above 100, no literal of 7 digits or
+     more; nothing else is ever evaluated) and sympy.simplify(a - b) == 0.
   Anything else, a parse error or an exception is 0.
 
-Timeout guard: `MathVerifier.__call__` scores items on a thread pool; an item running longer than
-`timeout_s` (wall time) scores 0 and is abandoned (Python cannot stop a thread; the input-size limits on
-the symbolic path keep this a last resort), and the batch never waits longer than the slowest item up to
-that timeout.
+Time and memory: `MathVerifier` (the trainer's entry point) runs step 4 in worker processes
+(maxrl_jax.text.symbolic_worker): a comparison that outlives `timeout_s` has its worker killed, and each
+worker's address space is capped (`memory_limit_mb`), so no abandoned computation keeps a core or memory
+busy. Steps 0-3 run in the calling process and are cheap (bounded input sizes). Plain string-equal and
+numeric answers never start a worker. The module-level `verify` / `is_equivalent` run step 4 in-process
+without a timeout: use them on trusted inputs (tests, references), `MathVerifier` on model outputs.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import fractions
+import importlib.util
+import logging
 import re
 import threading
 import time
@@ -47,9 +56,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from maxrl_jax.text import symbolic_worker
+
 ANSWER_MODES = ("boxed", "hash", "auto")
 _MAX_EXPONENT = 100  # Decimal exponents beyond this do not parse as numbers.
+_MAX_ANSWER_CHARS = 1000  # Longer extracted answers score 0 unless equal to the reference as written.
+_MAX_NESTING = 20  # Deeper bracket nesting ({, (, [) scores 0 likewise.
 _MAX_SYMBOLIC_CHARS = 80  # Longer answers skip the symbolic comparison.
+_MAX_SYMBOLIC_EXPONENT = 100  # Numbers above this inside an exponent skip the symbolic comparison.
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,6 +150,22 @@ def _brace_short_arguments(s: str) -> str:
     return re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", s)
 
 
+def too_complex(answer: str) -> bool:
+    """Whether an extracted answer is refused unread: longer than 1,000 characters or nested deeper than 20
+    brackets. A linear scan; it runs before the normalisation, whose cost grows with the nesting."""
+    if len(answer) > _MAX_ANSWER_CHARS:
+        return True
+    depth = 0
+    for ch in answer:
+        if ch in "{([":
+            depth += 1
+            if depth > _MAX_NESTING:
+                return True
+        elif ch in "})]":
+            depth -= 1
+    return False
+
+
 def normalize_answer(answer: str) -> str:
     """Canonical string of an answer (see the module docstring); '' for None or empty."""
     if answer is None:
@@ -149,6 +179,8 @@ def normalize_answer(answer: str) -> str:
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = _unwrap_commands(s).strip()
     s = s.rstrip(".").strip()
+    while s.startswith("{") and _matching_brace(s, 0) == len(s) - 1:  # "\boxed{{5}}" -> "5"
+        s = s[1:-1].strip()
     # A single "x = ..." (or "\theta = ...") assignment: keep the right-hand side.
     match = re.match(r"^\\?[A-Za-z]\w*\s*=\s*(.+)$", s)
     if match and "=" not in match.group(1):
@@ -245,11 +277,32 @@ def _as_sequence(s: str) -> tuple[str, list[str]] | None:
     return ("", items) if len(items) >= 2 else None
 
 
-_SYMPY_FUNCTIONS = {"sqrt", "pi", "oo", "log", "ln", "sin", "cos", "tan", "exp"}
+_SYMPY_FUNCTIONS = symbolic_worker.ALLOWED_NAMES
 
 
-def _latex_to_sympy(s: str) -> str | None:
-    r"""A restricted latex -> sympy source conversion; None when anything unknown remains."""
+def _exponent_too_large(source: str, max_exponent: float) -> bool:
+    """Whether a number in the exponent of some "**" (its bracketed group, or the number right after it)
+    exceeds max_exponent: (x+1)**99999 is refused before sympy expands it."""
+    for match in re.finditer(r"\*\*\s*", source):
+        rest = source[match.end():]
+        if rest.startswith("("):
+            depth, end = 0, len(rest)
+            for i, ch in enumerate(rest):
+                depth += (ch == "(") - (ch == ")")
+                if depth == 0:
+                    end = i + 1
+                    break
+            exponent = rest[:end]
+        else:
+            exponent = re.match(r"[-+]?[0-9.]*", rest).group(0)
+        if any(float(number) > max_exponent for number in re.findall(r"\d+(?:\.\d*)?", exponent)):
+            return True
+    return False
+
+
+def _latex_to_sympy(s: str, max_exponent: float = _MAX_SYMBOLIC_EXPONENT) -> str | None:
+    r"""A restricted latex -> sympy source conversion; None when anything unknown remains or it is too
+    large to expand safely (see the module docstring)."""
     if len(s) > _MAX_SYMBOLIC_CHARS:
         return None
     rules = (
@@ -277,29 +330,20 @@ def _latex_to_sympy(s: str) -> str | None:
             return None
     if s.count("**") > 1 or len(re.findall(r"\d{7,}", s)) > 0:
         return None  # no towers or huge literals
+    if _exponent_too_large(s, max_exponent):
+        return None
     return s
 
 
+_HAS_SYMPY = importlib.util.find_spec("sympy") is not None
+
+
 def _symbolic_equal(a: str, b: str) -> bool:
-    try:
-        import sympy  # pylint: disable=import-outside-toplevel
-        from sympy.parsing import sympy_parser  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        return False
+    """In-process sympy comparison of two normalised answers (no timeout; MathVerifier uses workers)."""
     source_a, source_b = _latex_to_sympy(a), _latex_to_sympy(b)
-    if source_a is None or source_b is None:
+    if not _HAS_SYMPY or source_a is None or source_b is None:
         return False
-    transformations = sympy_parser.standard_transformations + (
-        sympy_parser.implicit_multiplication_application,
-    )
-    names = {"ln": sympy.log, "pi": sympy.pi, "oo": sympy.oo, "E": sympy.E}
-    try:
-        expr_a = sympy_parser.parse_expr(source_a, local_dict=dict(names), transformations=transformations)
-        expr_b = sympy_parser.parse_expr(source_b, local_dict=dict(names), transformations=transformations)
-        difference = sympy.simplify(expr_a - expr_b)
-        return bool(difference == 0)
-    except Exception:  # pylint: disable=broad-except  # sympy raises many types on odd input
-        return False
+    return symbolic_worker.symbolic_equal(source_a, source_b)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,7 +351,9 @@ def _symbolic_equal(a: str, b: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _equivalent_normalized(p: str, g: str, symbolic: bool, depth: int = 0) -> bool:
+def _equivalent_normalized(p: str, g: str, symbolic: Callable[[str, str], bool] | None,
+                           depth: int = 0) -> bool:
+    """Steps 1-4 of the module docstring on normalised strings; `symbolic` (or None) is step 4."""
     if not p or not g:
         return False
     if p == g:
@@ -322,14 +368,22 @@ def _equivalent_normalized(p: str, g: str, symbolic: bool, depth: int = 0) -> bo
                 and all(_equivalent_normalized(x, y, symbolic, depth + 1) for x, y in zip(items_p, items_g)))
     if sequence_p is not None or sequence_g is not None:
         return False
-    return symbolic and _symbolic_equal(p, g)
+    return symbolic is not None and symbolic(p, g)
 
 
 def is_equivalent(prediction: str | None, reference: str, symbolic: bool = True) -> bool:
-    """Whether an extracted answer equals the reference answer (see the module docstring)."""
+    """Whether an extracted answer equals the reference answer (see the module docstring).
+
+    sympy (symbolic=True) runs in this process without a timeout: for model outputs use MathVerifier.
+    """
     if prediction is None:
         return False
-    return _equivalent_normalized(normalize_answer(prediction), normalize_answer(reference), symbolic)
+    if prediction.strip() and prediction.strip() == str(reference).strip():
+        return True
+    if too_complex(prediction):
+        return False
+    return _equivalent_normalized(normalize_answer(prediction), normalize_answer(reference),
+                                  _symbolic_equal if symbolic else None)
 
 
 def verify(response: str, reference: str, answer_mode: str = "boxed", symbolic: bool = True) -> bool:
@@ -338,8 +392,12 @@ def verify(response: str, reference: str, answer_mode: str = "boxed", symbolic: 
 
 
 def canonical_answer(response: str, answer_mode: str = "boxed") -> str | None:
-    """A key for majority voting: the normalised extracted answer (numbers as reduced fractions)."""
-    normalized = normalize_answer(extract_answer(response, answer_mode))
+    """A key for majority voting: the normalised extracted answer (numbers as reduced fractions); None when
+    there is none or it is refused by `too_complex`."""
+    answer = extract_answer(response, answer_mode)
+    if answer is None or too_complex(answer):
+        return None
+    normalized = normalize_answer(answer)
     if not normalized:
         return None
     number = parse_number(normalized)
@@ -347,79 +405,49 @@ def canonical_answer(response: str, answer_mode: str = "boxed") -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Batches with a timeout.
+# Batches, with sympy in killable worker processes.
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run_with_timeout(fn: Callable[[int], float], num_items: int, timeout_s: float,
-                     num_threads: int) -> tuple[np.ndarray, int, int]:
-    """Runs fn(i) for i < num_items on threads; an item running longer than timeout_s (or raising) gives 0.
+class _Deferred(Exception):
+    """Raised by the first pass when an item needs a sympy comparison that is not cached yet."""
 
-    Returns:
-      (values [num_items] float32, number of timeouts, number of exceptions).
-    """
-    values = np.zeros(num_items, np.float32)
-    timeouts = errors = 0
-    remaining = list(range(num_items))
-    while remaining:
-        starts: dict[int, float] = {}
-        lock = threading.Lock()
 
-        def run(i):
-            with lock:
-                starts[i] = time.monotonic()
-            return fn(i)
-
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=num_threads)
-        futures = {pool.submit(run, i): i for i in remaining}
-        pending = set(futures)
-        hung = 0
-        while pending and hung < num_threads:
-            done, pending = concurrent.futures.wait(
-                pending, timeout=min(0.05, timeout_s), return_when=concurrent.futures.FIRST_COMPLETED
-            )
-            for future in done:
-                try:
-                    values[futures[future]] = float(future.result())
-                except Exception:  # pylint: disable=broad-except  # a bad item scores 0
-                    errors += 1
-            now = time.monotonic()
-            with lock:
-                expired = {f for f in pending if futures[f] in starts and now - starts[futures[f]] > timeout_s}
-            pending -= expired
-            hung += len(expired)
-            timeouts += len(expired)
-        # Every worker is stuck on an abandoned item: start a fresh pool for the items not yet started.
-        pool.shutdown(wait=False, cancel_futures=True)
-        with lock:
-            remaining = sorted(futures[f] for f in pending if futures[f] not in starts)
-            running = [f for f in pending if futures[f] in starts]
-        for future in running:  # Started just before the shutdown: give them their own timeout.
-            try:
-                values[futures[future]] = float(future.result(timeout=timeout_s))
-            except concurrent.futures.TimeoutError:
-                timeouts += 1
-            except Exception:  # pylint: disable=broad-except
-                errors += 1
-    return values, timeouts, errors
+class _TimedOut(Exception):
+    """A sympy comparison ran out of time (its worker was killed)."""
 
 
 class MathVerifier:
-    """Batched, timeout-guarded math verifier (host side).
+    """Batched math verifier for model outputs (host side), bounded in time and memory.
+
+    Each response is scored in two passes. The first, in the calling thread, extracts the answer, refuses
+    oversized ones (`too_complex`) and tries the cheap comparisons (steps 0-3 of the module docstring);
+    plain string-equal and numeric answers end here and never need sympy. The distinct (answer, reference)
+    pairs left for sympy are then compared on `num_threads` threads, each sending its comparisons to one
+    of up to `num_threads` worker processes (maxrl_jax.text.symbolic_worker). A pair whose comparisons take
+    longer than `timeout_s` in all scores 0: its worker is killed and reaped before the call returns, so
+    nothing keeps running. Workers start on first use and are kept for later calls; `close()` (or the end
+    of the interpreter) stops them. Definite sympy results are cached (up to `cache_size` pairs).
 
     Args:
       answer_mode: "boxed" (the paper's), "hash" or "auto"; see `extract_answer`.
-      timeout_s: wall-time limit per response; slower items score 0.
-      num_threads: worker threads.
+      timeout_s: sympy wall time allowed per response (worker start-up excluded); slower ones score 0.
+      num_threads: threads, and at most this many worker processes.
       symbolic: allow the sympy comparison (when sympy is installed).
       max_response_chars: only the last this-many characters of a response are searched (the final
         answer is at the end), bounding the cost of pathological outputs.
+      memory_limit_mb: address-space limit of each worker process (RLIMIT_AS), MiB; 0: none.
+      max_symbolic_exponent: numbers above this inside an exponent skip sympy (scored by steps 0-3 only).
+      cache_size: sympy results remembered across calls.
 
-    After each call `last_stats` holds {"verify_timeouts", "verify_errors", "verify_seconds"}.
+    After each call `last_stats` holds {"verify_timeouts", "verify_errors", "verify_refused",
+    "verify_symbolic", "verify_seconds"}: responses scored 0 by the timeout, by an exception, by
+    `too_complex`; distinct pairs sent to sympy; the call's wall time.
     """
 
     def __init__(self, answer_mode: str = "boxed", timeout_s: float = 5.0, num_threads: int = 4,
-                 symbolic: bool = True, max_response_chars: int = 20_000):
+                 symbolic: bool = True, max_response_chars: int = 20_000, memory_limit_mb: int = 1024,
+                 max_symbolic_exponent: float = _MAX_SYMBOLIC_EXPONENT, cache_size: int = 65536):
         if answer_mode not in ANSWER_MODES:
             raise ValueError(f"answer_mode {answer_mode!r}; allowed: {list(ANSWER_MODES)}.")
         if timeout_s <= 0 or num_threads < 1:
@@ -427,25 +455,129 @@ class MathVerifier:
         self.answer_mode = answer_mode
         self.timeout_s = float(timeout_s)
         self.num_threads = int(num_threads)
-        self.symbolic = symbolic
+        self.symbolic = bool(symbolic) and _HAS_SYMPY
         self.max_response_chars = int(max_response_chars)
+        self.max_symbolic_exponent = max_symbolic_exponent
+        self.pool = symbolic_worker.WorkerPool(self.num_threads, memory_limit_mb)
+        self._cache: collections.OrderedDict[tuple[str, str], bool] = collections.OrderedDict()
+        self._cache_size = int(cache_size)
+        self._cache_lock = threading.Lock()
+        self._warned = False
         self.last_stats: dict[str, float] = {}
 
-    def score(self, response: str, reference: str) -> float:
-        """1.0 if the response's final answer equals the reference, else 0.0 (no timeout)."""
-        return float(verify(response[-self.max_response_chars:], reference, self.answer_mode, self.symbolic))
+    # -------------------------------------------------------------------- sympy through the workers
+
+    def _sources(self, p: str, g: str) -> tuple[str, str] | None:
+        source_p = _latex_to_sympy(p, self.max_symbolic_exponent)
+        source_g = _latex_to_sympy(g, self.max_symbolic_exponent) if source_p is not None else None
+        return None if source_g is None else (source_p, source_g)
+
+    def _cached(self, p: str, g: str) -> bool:
+        """First pass: a cached sympy result, False when sympy cannot apply, else _Deferred."""
+        sources = self._sources(p, g)
+        if sources is None:
+            return False
+        with self._cache_lock:
+            if sources in self._cache:
+                self._cache.move_to_end(sources)
+                return self._cache[sources]
+        raise _Deferred()
+
+    def _compare_pair(self, p: str, g: str) -> tuple[bool, bool]:
+        """Second pass for one normalised pair -> (equal, timed out)."""
+        deadline = time.monotonic() + self.timeout_s
+
+        def symbolic(a: str, b: str) -> bool:
+            sources = self._sources(a, b)
+            if sources is None:
+                return False
+            with self._cache_lock:
+                if sources in self._cache:
+                    return self._cache[sources]
+            result = self.pool.compare(*sources, timeout_s=max(deadline - time.monotonic(), 0.0))
+            if result is None:
+                raise _TimedOut()
+            if self.pool.unavailable is None:
+                with self._cache_lock:
+                    self._cache[sources] = result
+                    while len(self._cache) > self._cache_size:
+                        self._cache.popitem(last=False)
+            return result
+
+        try:
+            return _equivalent_normalized(p, g, symbolic), False
+        except _TimedOut:
+            return False, True
+
+    # -------------------------------------------------------------------- scoring
+
+    def _first_pass(self, response: str, reference: str, seen: dict, references: dict) -> float | str | tuple:
+        """1.0 / 0.0, "refused", or the normalised (answer, reference) pair that needs sympy.
+
+        `seen` memoises outcomes per (answer, reference) within a call (a group's rollouts often share their
+        answer), `references` the normalised references.
+        """
+        answer = extract_answer(response[-self.max_response_chars:], self.answer_mode)
+        if answer is None:
+            return 0.0
+        key = (answer, reference)
+        if key not in seen:
+            seen[key] = self._compare_cheaply(answer, reference, references)
+        return seen[key]
+
+    def _compare_cheaply(self, answer: str, reference: str, references: dict) -> float | str | tuple:
+        if answer.strip() and answer.strip() == str(reference).strip():
+            return 1.0
+        if too_complex(answer):
+            return "refused"
+        if reference not in references:
+            references[reference] = normalize_answer(reference)
+        p, g = normalize_answer(answer), references[reference]
+        try:
+            return float(_equivalent_normalized(p, g, self._cached if self.symbolic else None))
+        except _Deferred:
+            return (p, g)
 
     def __call__(self, responses: Sequence[str], references: Sequence[str]) -> np.ndarray:
         """Scores responses[i] against references[i] -> [len(responses)] float32 in {0, 1}."""
         if len(responses) != len(references):
             raise ValueError(f"{len(responses)} responses but {len(references)} references.")
         start = time.monotonic()
-        values, timeouts, errors = run_with_timeout(
-            lambda i: self.score(responses[i], references[i]), len(responses), self.timeout_s,
-            self.num_threads)
-        self.last_stats = {"verify_timeouts": timeouts, "verify_errors": errors,
-                           "verify_seconds": time.monotonic() - start}
+        values = np.zeros(len(responses), np.float32)
+        errors = refused = timeouts = 0
+        deferred: dict[tuple[str, str], list[int]] = {}
+        seen: dict[tuple[str, str], float | str | tuple] = {}
+        normalized_references: dict[str, str] = {}
+        for i, (response, reference) in enumerate(zip(responses, references)):
+            try:
+                outcome = self._first_pass(response, reference, seen, normalized_references)
+            except Exception:  # pylint: disable=broad-except  # a bad item scores 0
+                errors += 1
+                continue
+            if outcome == "refused":
+                refused += 1
+            elif isinstance(outcome, tuple):
+                deferred.setdefault(outcome, []).append(i)
+            else:
+                values[i] = outcome
+        if deferred:
+            pairs = list(deferred)
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(self.num_threads, len(pairs))) as threads:
+                results = list(threads.map(lambda pair: self._compare_pair(*pair), pairs))
+            for pair, (equal, timed_out) in zip(pairs, results):
+                values[deferred[pair]] = float(equal)
+                timeouts += len(deferred[pair]) if timed_out else 0
+            if self.pool.unavailable and not self._warned:
+                self._warned = True
+                logging.warning("Math verifier: sympy comparisons are off (%s); only steps 0-3 apply.",
+                                self.pool.unavailable)
+        self.last_stats = {"verify_timeouts": timeouts, "verify_errors": errors, "verify_refused": refused,
+                           "verify_symbolic": len(deferred), "verify_seconds": time.monotonic() - start}
         return values
+
+    def score(self, response: str, reference: str) -> float:
+        """1.0 if the response's final answer equals the reference, else 0.0 (one-item call)."""
+        return float(self([response], [reference])[0])
 
     def score_groups(self, responses: Sequence[Sequence[str]], references: Sequence[str]) -> np.ndarray:
         """responses [P][N] against references [P] -> rewards [P, N] float32."""
@@ -455,3 +587,14 @@ class MathVerifier:
         flat = [r for group in responses for r in group]
         flat_refs = [ref for ref in references for _ in range(num_samples)]
         return self(flat, flat_refs).reshape(len(responses), num_samples)
+
+    def close(self) -> None:
+        """Stops the worker processes (a later call starts new ones)."""
+        self.pool.close()
+        self.pool = symbolic_worker.WorkerPool(self.pool.size, self.pool.memory_limit_mb)
+
+    def __enter__(self) -> "MathVerifier":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

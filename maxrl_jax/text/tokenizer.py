@@ -44,11 +44,24 @@ _END_OF_TURN = {"chatml": "<|im_end|>", "smollm2": "<|im_end|>", "qwen2.5": "<|i
                 "qwen3": "<|im_end|>"}
 
 
+_RESTORE = "restore it from the original checkpoint (copy or download it again)"
+
+
 def _read_json(path: str) -> dict:
+    """The JSON object in `path`, {} when the file is absent; ValueError naming the file when it is not JSON."""
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): the file is "
+                         f"damaged or was replaced by another one; {_RESTORE}.") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not valid JSON (not UTF-8 text); {_RESTORE}.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object; {_RESTORE}.")
+    return value
 
 
 def _token_content(token: Any) -> str | None:
@@ -98,7 +111,14 @@ class TextTokenizer:
                 f"{tokenizer_json} is missing: only fast tokenizers (tokenizer.json) are supported. Save one "
                 "with transformers: AutoTokenizer.from_pretrained(path).save_pretrained(path)."
             )
-        self._tokenizer = tokenizers.Tokenizer.from_file(tokenizer_json)
+        try:
+            self._tokenizer = tokenizers.Tokenizer.from_file(tokenizer_json)
+        except Exception as e:  # pylint: disable=broad-except  # the Rust parser's errors carry no file name
+            raise ValueError(
+                f"{tokenizer_json} cannot be read as a fast tokenizer ({e}): the file is damaged, not JSON, or "
+                f"written by a newer `tokenizers` than the installed {tokenizers.__version__}; {_RESTORE}, or "
+                "re-save it with transformers: AutoTokenizer.from_pretrained(path).save_pretrained(path)."
+            ) from None
         tokenizer_config = dict(tokenizer_config or {})
         self.tokenizer_config = tokenizer_config
         self.bos_token = _token_content(tokenizer_config.get("bos_token"))

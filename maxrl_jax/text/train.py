@@ -6,11 +6,13 @@
     -> tokenise the prompts (question + the paper's suffix, through the chat template), left-padded
     -> [optional SFT warm-up on reference solutions]
     -> RL steps: sample N rollouts per prompt (prefix-shared KV cache, jitted, in prompt chunks)
-                 -> decode and verify on the host (thread pool, per-item timeout), overlapped with the
-                    device sampling the next chunk
+                 -> decode and verify on the host (cheap checks in-process, sympy in worker processes
+                    killed at the per-item timeout), overlapped with the device sampling the next chunk
+                 -> [reward 0 for responses that reach the length cap (verifier.zero_truncated)]
                  -> advantages from the estimator registry -> one AdamW update (jitted, donated state,
                     optionally accumulated over micro-batches of prompts x rollouts)
-    -> held-out evaluation: pass@k (unbiased, from eval.num_samples samples per problem), majority vote.
+    -> held-out evaluation: pass@k (unbiased, from eval.num_samples samples per problem; the ones between
+       the first and the last use eval.periodic_num_samples when set), majority vote.
 
 Outputs, as the maze trainer's:
 
@@ -119,6 +121,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for k in config.eval.ks:
     if not 1 <= k <= config.eval.num_samples:
       fail("eval.ks", f"k={k} must be in [1, eval.num_samples={config.eval.num_samples}].")
+  periodic = config.eval.periodic_num_samples
+  if isinstance(periodic, bool) or int(periodic) != periodic or not 0 <= periodic <= config.eval.num_samples:
+    fail("eval.periodic_num_samples", f"{periodic!r} must be an integer in [0, eval.num_samples].")
+  if periodic and periodic % min(periodic, config.eval.samples_per_call):
+    fail("eval.periodic_num_samples", f"{periodic} must be a multiple of eval.samples_per_call="
+         f"{config.eval.samples_per_call} (or smaller than it).")
+  if config.verifier.memory_limit_mb < 0:
+    fail("verifier.memory_limit_mb", f"{config.verifier.memory_limit_mb!r} must be >= 0 (0: no limit).")
   kwargs = estimators.kwargs_from_config(config.objective)
   try:
     estimators.get_advantage_fn(config.objective.name, **kwargs)(
@@ -258,7 +268,8 @@ class Sampler:
       placed as `params_sharding` (see maxrl_jax.sharding.make_sharded_sampler).
     stop_tokens: sampler stop ids. pad_id: left padding and filler id.
     prompt_bucket, max_prompt_tokens: prompt widths are multiples of the bucket, capped.
-    zero_truncated: score responses that hit the token cap as 0.
+    zero_truncated: score 0 for responses whose length reaches the call's token cap (max_new_tokens),
+      stopped or not, as the official GSM8K runs do (verl: valid response length >= max response length).
   """
 
   def __init__(self, model_fns, tokenizer, verifier, *, mesh, params_sharding, stop_tokens, pad_id, prompt_bucket,
@@ -300,9 +311,11 @@ class Sampler:
     texts = decode_responses(self.tokenizer, tokens.reshape(num_prompts * num_samples, -1), lengths.reshape(-1))
     references = [a for a in answers for _ in range(num_samples)]
     rewards = self.verifier(texts, references).reshape(num_prompts, num_samples)
+    at_cap = lengths >= tokens.shape[-1]
     if self.zero_truncated:
-      rewards = rewards * stopped
+      rewards = np.where(at_cap, np.float32(0), rewards)
     return {"rewards": rewards, "texts": texts, "lengths": lengths, "stopped": stopped,
+            "zeroed_at_cap": at_cap if self.zero_truncated else np.zeros_like(at_cap),
             **{k: np.float32(v) for k, v in self.verifier.last_stats.items()}}
 
 
@@ -344,6 +357,8 @@ def evaluate(sampler: Sampler, params, prompt_tokens: Sequence[Sequence[int]], a
     for i, row in enumerate(rows):
       counts[row] += int(result["rewards"][i].sum())
       for j in range(samples_per_call):
+        if result["zeroed_at_cap"][i, j]:
+          continue  # scored 0 at the length cap: no vote either
         text = result["texts"][i * samples_per_call + j]
         vote = math_verifier.canonical_answer(text, answer_mode)
         if vote is not None:
@@ -387,6 +402,20 @@ class _EpochOrder:
     epoch, within = divmod(step - 1, self.steps_per_epoch)
     order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
     return order[within * self.batch_size:(within + 1) * self.batch_size]
+
+
+def eval_sizes(config: ml_collections.ConfigDict, full: bool) -> dict:
+  """num_samples, samples_per_call and ks of one held-out evaluation.
+
+  The first (step 0) and the last evaluation use eval.num_samples (the paper's pass@k curves); those in
+  between use eval.periodic_num_samples when it is set (the official scripts validate with 32 samples),
+  with the ks that fit.
+  """
+  num_samples = config.eval.num_samples
+  if not full and config.eval.periodic_num_samples:
+    num_samples = config.eval.periodic_num_samples
+  return {"num_samples": num_samples, "samples_per_call": min(config.eval.samples_per_call, num_samples),
+          "ks": tuple(k for k in config.eval.ks if k <= num_samples)}
 
 
 def _sft_examples(problems, prompt_tokens, tokenizer, end_id, max_response_tokens):
@@ -462,17 +491,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = sharding.ChiefOnlyWriter(run_logging.MetricsWriter(workdir))
   verifier = math_verifier.MathVerifier(
       answer_mode=config.verifier.answer_mode, timeout_s=config.verifier.timeout_s,
-      num_threads=config.verifier.num_threads, symbolic=config.verifier.symbolic)
+      num_threads=config.verifier.num_threads, symbolic=config.verifier.symbolic,
+      memory_limit_mb=config.verifier.memory_limit_mb)
   sampler = Sampler(model_fns, tokenizer, verifier, mesh=mesh, params_sharding=params_sharding,
                     stop_tokens=stop_tokens, pad_id=tokenizer.pad_id,
                     prompt_bucket=config.data.prompt_bucket, max_prompt_tokens=config.data.max_prompt_tokens,
                     zero_truncated=config.verifier.zero_truncated)
-  run_eval = functools.partial(
+  evaluate_with = functools.partial(
       evaluate, sampler, prompt_tokens=eval_tokens, answers=[p.answer for p in eval_problems],
-      key=keys[_KEY_EVAL], num_samples=config.eval.num_samples, samples_per_call=config.eval.samples_per_call,
-      prompt_chunk=config.eval.prompt_chunk, max_new_tokens=config.eval.max_new_tokens,
-      temperature=config.eval.temperature, top_p=config.eval.top_p, ks=tuple(config.eval.ks),
-      answer_mode=config.verifier.answer_mode)
+      key=keys[_KEY_EVAL], prompt_chunk=config.eval.prompt_chunk, max_new_tokens=config.eval.max_new_tokens,
+      temperature=config.eval.temperature, top_p=config.eval.top_p, answer_mode=config.verifier.answer_mode)
+  last_rl_step = [0]  # The RL step just run: the evaluation after the last one uses every sample.
+
+  def run_eval(params, full=None):
+    full = last_rl_step[0] in (0, config.rl.steps) if full is None else full
+    return evaluate_with(params, **eval_sizes(config, full))
+
   sft_ckpt = checkpoints.PhaseCheckpointer(workdir, "sft", config.keep_checkpoints)
   rl_ckpt = checkpoints.PhaseCheckpointer(workdir, "rl", config.keep_checkpoints)
   rl_resume = rl_ckpt.latest_step()
@@ -535,7 +569,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   evals = {r["step"]: r for r in writer.read() if r.get("phase") == "eval"}
   if 0 not in evals:
-    evals[0] = {"phase": "eval", "step": 0, **run_eval(state.params)}
+    evals[0] = {"phase": "eval", "step": 0, **run_eval(state.params, full=True)}
     writer.write(evals[0])
 
   order = _EpochOrder(len(train_problems), config.rollout.num_prompts, config.seed)
@@ -544,6 +578,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def rl_step(state, step):
     """Samples in prompt chunks (verifying chunk c on the host while chunk c+1 samples), then updates."""
+    last_rl_step[0] = step
     rows = order.batch(step)
     prompts = sampler.pad([train_tokens[i] for i in rows])
     answers = [train_problems[i].answer for i in rows]
@@ -573,7 +608,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  sharding.shard_global_array(rewards, batch_sharding), temperature)
     return state, dict(step_metrics, sample_verify_s=sample_seconds,
                        verify_s=sum(float(h["verify_seconds"]) for h in host),
-                       verify_timeouts=sum(float(h["verify_timeouts"]) for h in host))
+                       verify_timeouts=sum(float(h["verify_timeouts"]) for h in host),
+                       zeroed_at_cap=float(np.mean(np.concatenate([h["zeroed_at_cap"].ravel() for h in host]))))
 
   state = training_loop.run_phase(
       "rl", state, rl_step, start=rl_resume or 0, end=config.rl.steps, writer=writer, save=rl_ckpt.save,
@@ -583,6 +619,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       annotate=lambda record, step: record.update(epoch=order.epoch(step)))
   sft_ckpt.close()
   rl_ckpt.close()
+  verifier.close()
 
   final_step = max(evals)
   final = {k: v for k, v in evals[final_step].items() if k not in ("phase", "step")}
