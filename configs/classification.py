@@ -1,4 +1,5 @@
-"""Classification testbed (spec section 5): MaxRL against exact maximum likelihood (cross-entropy) and RL.
+"""Classification testbed: MaxRL against exact maximum likelihood (cross-entropy) and RL, as in the paper's
+ImageNet study.
 
 A rollout is a class sampled from the classifier's softmax, r = 1 iff it is the label, so the pass rate
 p = softmax[label] is exact and cross-entropy is exact maximum likelihood. With many classes and a uniform
@@ -26,7 +27,8 @@ Presets (`configs/classification.py:<preset>`):
             256, 20 epochs, cosine schedule with a 2-epoch linear warm-up (as in the authors' script),
             random-resized-crop + flip at 224px, float32.
 Real datasets must be prepared once as ArrayRecord (the error message says how); nothing needs TensorFlow
-to read them.
+to read them. The data dir is <workdir>/tfds unless --config.data.data_dir names another one (e.g. the
+~/tensorflow_datasets where a dataset was prepared).
 """
 
 import ml_collections
@@ -57,7 +59,7 @@ def _base() -> ml_collections.ConfigDict:
   # Data: any prepared TFDS image classification dataset, or the embedded procedural one.
   config.data = ml_collections.ConfigDict()
   config.data.name = "procedural_classes/c200"  # or procedural_classes/c1000, mnist, cifar10, imagenet2012
-  config.data.data_dir = config_dict.placeholder(str)  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+  config.data.data_dir = config_dict.placeholder(str)  # TFDS data dir; None: <workdir>/tfds
   config.data.train_split = "train"
   config.data.eval_split = "test"  # held-out split ('validation' for imagenet2012)
   config.data.image_size = config_dict.placeholder(int)  # None: stored size; set to stream and resize
@@ -116,11 +118,17 @@ def _base() -> ml_collections.ConfigDict:
   config.eval.num_train_examples = 2000  # fixed random subset of the train split, evaluated the same way
   config.eval.pass_at_k = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
-  # Checkpoints (workdir/checkpoint/state.msgpack); the last one is always written.
+  # Checkpoints (orbax, workdir/checkpoints/train/<step>); the last one is always written.
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 0  # 0: only at the end
   config.checkpoint.resume = True  # continue from workdir's checkpoint if there is one
   config.checkpoint.keep = 2  # checkpoints kept (workdir/checkpoints/train/<step>)
+
+  # Where metrics go besides metrics.jsonl (maxrl_jax/run_logging.py); may change when a run resumes.
+  config.logging = ml_collections.ConfigDict()
+  config.logging.tensorboard = True  # event files in workdir/tensorboard (`tensorboard --logdir=WORKDIR`)
+  config.logging.wandb = False  # True: also a Weights & Biases run (`pip install wandb`)
+  config.logging.wandb_project = "maxrl_jax"
   return config
 
 
@@ -163,7 +171,7 @@ def get_config(arg=None):
     config.eval.num_train_examples = 10_000
 
   elif preset == "imagenet":
-    # The paper's ImageNet study (spec section 5; authors' script: torchvision ResNet-50, fp32).
+    # The paper's ImageNet study (the authors' script: torchvision ResNet-50, fp32).
     config.model.name = "resnet"
     config.model.depth = 50
     config.model.stem = "imagenet"

@@ -14,7 +14,11 @@ import json
 import os
 import sys
 
-from absl import app, flags
+# The audit is exact enumeration on the host: run JAX on the CPU (and skip probing for TPU / GPU backends,
+# which logs "Unable to initialize backend 'tpu'" on machines without one) unless JAX_PLATFORMS says otherwise.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import app, flags  # noqa: E402
 import matplotlib
 
 matplotlib.use("Agg")

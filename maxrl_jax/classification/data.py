@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -148,6 +149,14 @@ class ProceduralClasses(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # Nothing to download.
     return {"train": self._generate_examples("train"), "test": self._generate_examples("test")}
 
+  # Nothing is downloaded: TFDS's banner ("Downloading and preparing dataset Unknown size ...") and its
+  # "downloaded and prepared" line would be wrong here, so neither is printed.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _generate_examples(self, split: str):
     images, labels = procedural_examples(self.builder_config, split)
     for i in range(labels.size):
@@ -259,6 +268,8 @@ def _not_prepared_message(name: str, data_dir: str | None, cause: str) -> str:
       "If it is already prepared in the TFRecord format, convert it with\n"
       f"  tfds convert_format --dataset_dir={where}/{name.split('/')[0]}/<version> --out_file_format=array_record"
       f"{manual}\n"
+      "If it is prepared in another directory (e.g. ~/tensorflow_datasets), pass that directory as "
+      "--config.data.data_dir.\n"
       "Or set config.data.name='procedural_classes' for the embedded dataset that needs no download.")
 
 
@@ -271,7 +282,10 @@ def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
         f"config.data.name={name!r} is not a TFDS dataset. Use an image classification dataset such as "
         f"'mnist', 'cifar10', 'cifar100', 'imagenet2012', or the embedded {PROCEDURAL_NAME!r} "
         f"(variants: {[c.name for c in ProceduralClasses.BUILDER_CONFIGS]}).") from e
-  if name.split("/")[0] == PROCEDURAL_NAME and not builder.is_prepared():
+  # (`builder.is_prepared()` would log a warning about the empty version folder of a new data dir.)
+  if name.split("/")[0] == PROCEDURAL_NAME and not (epath.Path(builder.data_dir) / "dataset_info.json").exists():
+    if not sys.stderr.isatty():
+      tfds.disable_progress_bar()  # Its nested bars would leave cursor-movement codes in a log file.
     builder.download_and_prepare(file_format="array_record")
   return builder
 
@@ -300,8 +314,12 @@ def _check_features(builder, name: str) -> int:
   return int(num_classes)
 
 
-def load_data(data_config: ml_collections.ConfigDict) -> ClassificationData:
+def load_data(data_config: ml_collections.ConfigDict,
+              default_data_dir: str | None = None) -> ClassificationData:
   """Opens the train and eval splits named by the config (see configs/classification.py, block `data`).
+
+  The TFDS data dir is `data_config.data_dir`, else `default_data_dir` (the trainer passes <workdir>/tfds),
+  else TFDS's own default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
 
   Raises:
     ValueError: unknown dataset or split, or features that are not (image, label).
@@ -309,7 +327,7 @@ def load_data(data_config: ml_collections.ConfigDict) -> ClassificationData:
       says how to prepare it).
   """
   name = data_config.name
-  data_dir = data_config.get("data_dir") or None
+  data_dir = data_config.get("data_dir") or default_data_dir or None
   if data_dir:
     data_dir = os.path.expanduser(data_dir)
   builder = get_builder(name, data_dir)

@@ -1,4 +1,5 @@
-"""Per-input gradient norm against pass rate, for cross-entropy and sampled objectives (spec section 5).
+"""Per-input gradient norm against pass rate, for cross-entropy and sampled objectives (as in the paper's
+ImageNet study).
 
 For a trained checkpoint and a set of inputs x_1..x_n this computes, for each objective, the L2 norm of the
 gradient (over all parameters) of that input's own loss, ||grad_theta loss(x_i)||, with one vmapped
@@ -39,7 +40,7 @@ def load_run(workdir: str, data_dir: str | None = None):
     config = ml_collections.ConfigDict(json.load(f))
   if data_dir is not None:
     config.data.data_dir = data_dir
-  data = data_lib.load_data(config.data)
+  data = data_lib.load_data(config.data, default_data_dir=os.path.join(workdir, "tfds"))
   model = models.create_model(config.model, data.num_classes)
   tx, _ = train_lib.make_optimizer(config.optim, num_steps=2, steps_per_epoch=1)  # Only its structure.
   checkpointer = train_lib.open_checkpointer(workdir, config)

@@ -13,6 +13,10 @@ Writes into DIR:
                   with analytic pass@k (k = 1, 2, 4, ..., 1024), top-1 accuracy and NLL.
   summary.json    {"objective", "num_samples", "eval": {"pass@1", ..., "top1", "pass_rate"}, "eval_train",
                   "initial_eval", timings, hardware}.
+  tensorboard/    TensorBoard event files of the same records (config.logging.tensorboard, on by default);
+                  config.logging.wandb=True also logs them to Weights & Biases.
+  curves_*.png    held-out pass@k and the training curves, drawn from metrics.jsonl (maxrl_jax/plots.py).
+  tfds/           the prepared dataset, unless config.data.data_dir names another TFDS data dir.
   checkpoints/train/<step>/   orbax checkpoints of the train state (params, batch_stats, optimiser state,
                   step): every config.checkpoint.every_steps and at the end. Re-running the same command on
                   the same workdir resumes from the latest one (metrics.jsonl is cut back to it).
@@ -38,11 +42,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tensorflow_datasets as tfds
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxrl_jax import checkpoints as checkpoints_lib
 from maxrl_jax import metrics as metrics_lib
+from maxrl_jax import plots
 from maxrl_jax import run_logging
 from maxrl_jax.classification import data as data_lib
 from maxrl_jax.classification import models
@@ -132,6 +138,66 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Objective:
     if value % num_devices:
       raise ValueError(f"config.{path}={value} must be divisible by the {num_devices} devices.")
   return objective
+
+
+def _dataset_sizes(config: ml_collections.ConfigDict, workdir: str | None) -> tuple[int | None, int | None]:
+  """(train, held-out) example counts without reading the data: known for the procedural dataset, read from
+  the dataset info of a prepared TFDS dataset, else (None, None)."""
+  base, _, variant = config.data.name.partition("/")
+  if base == data_lib.PROCEDURAL_NAME:
+    configs = data_lib.ProceduralClasses.builder_configs
+    variant = variant or data_lib.ProceduralClasses.DEFAULT_CONFIG_NAME
+    if variant not in configs:
+      raise ValueError(f"config.data.name={config.data.name!r}; procedural variants: {sorted(configs)}.")
+    cfg = configs[variant]
+    return cfg.num_classes * cfg.train_per_class, cfg.num_classes * cfg.test_per_class
+  data_dir = config.data.get("data_dir") or (os.path.join(workdir, "tfds") if workdir else None)
+  try:
+    builder = tfds.builder(config.data.name, data_dir=data_dir)
+    if not builder.is_prepared():
+      return None, None
+    splits = builder.info.splits
+    return splits[config.data.train_split].num_examples, splits[config.data.eval_split].num_examples
+  except Exception:  # pylint: disable=broad-except  # Unknown or unprepared: train_and_evaluate says why.
+    return None, None
+
+
+def expected_work(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
+  """Validates the config and returns the work a run will do, without training (`main --dry_run`)."""
+  objective = validate_config(config)
+  num_train, num_eval = _dataset_sizes(config, workdir)
+  batch_size = int(config.train.batch_size)
+  if config.train.num_steps > 0:
+    num_steps = int(config.train.num_steps)
+  elif num_train is not None:
+    num_steps = int(math.ceil(config.train.num_epochs * (num_train // batch_size)))
+  else:
+    num_steps = None
+  def count(n):
+    return "?" if n is None else f"{n:,}"
+
+  work = {"dataset": f"{config.data.name} ({count(num_train)} train / {count(num_eval)} held-out examples)"}
+  if num_steps is None:
+    work["train steps"] = (f"{config.train.num_epochs:g} epochs of batch {batch_size} (the dataset is not "
+                           "prepared yet, so its size is unknown)")
+    return work
+  examples = num_steps * batch_size
+  work["train steps"] = count(num_steps)
+  if num_train:
+    work["epochs"] = f"{examples / num_train:.2f}"
+  work["training examples (steps x batch)"] = count(examples)
+  if objective.sampled:
+    work["sampled classes (examples x N)"] = (f"{examples * objective.num_samples:,} "
+                                              f"(N = {objective.num_samples})")
+  every = int(config.eval.every_steps)
+  eval_steps = {0, num_steps} | (set(range(every, num_steps + 1, every)) if every else set())
+  held_out = num_eval if config.eval.max_examples < 0 or num_eval is None else min(num_eval,
+                                                                                  config.eval.max_examples)
+  work["evaluations"] = (f"{len(eval_steps)} (at the start, every {every} steps and at the end)" if every
+                         else "2 (at the start and at the end)")
+  work["examples per evaluation"] = (f"{count(held_out)} held-out + {count(config.eval.num_train_examples)} "
+                                     "train-subset")
+  return work
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,7 +373,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   run_logging.check_or_write_config(workdir, config.to_dict())
 
-  data = data_lib.load_data(config.data)
+  data = data_lib.load_data(config.data, default_data_dir=os.path.join(workdir, "tfds"))
   batch_size = int(config.train.batch_size)
   steps_per_epoch = len(data.train) // batch_size
   if steps_per_epoch < 1:
@@ -335,7 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if latest is not None and not config.checkpoint.resume:
     raise ValueError(f"--workdir {workdir} already holds checkpoints (latest step {latest}) and "
                      "config.checkpoint.resume=False: use a new --workdir.")
-  writer = run_logging.MetricsWriter(workdir)
+  writer = run_logging.MetricsWriter(workdir, sinks=run_logging.sinks_from_config(config, workdir))
   if latest is not None:
     state = checkpointer.restore(latest, state)
     writer.truncate(lambda r: r.get("step", 0) <= latest)  # Drop records written after the checkpoint.
@@ -466,10 +532,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "hardware": _hardware(),
   }
   run_logging.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  writer.close()
+  plots.plot_run(workdir)
   _print_table(summary, ks)
   return summary
 
 
-__all__ = ["TrainState", "train_and_evaluate", "validate_config", "objective_from_config", "make_optimizer",
-           "make_train_step", "make_eval_step", "forward", "softmax_probabilities", "create_train_state",
-           "open_checkpointer", "CHECKPOINT_PHASE"]
+__all__ = ["TrainState", "train_and_evaluate", "validate_config", "expected_work", "objective_from_config",
+           "make_optimizer", "make_train_step", "make_eval_step", "forward", "softmax_probabilities",
+           "create_train_state", "open_checkpointer", "CHECKPOINT_PHASE"]

@@ -144,6 +144,29 @@ class MaxrlMaze(tfds.core.GeneratorBasedBuilder):
     # for a checksums file beside this module (there is none: nothing is downloaded).
     code_path = epath.Path(__file__)
 
+    def __init__(self, *args, **kwargs):
+        # Configs are made from the run's config (`maze_config`), so TFDS's "Using custom data configuration"
+        # warning would fire on every normal run; it is dropped while the builder is constructed.
+        import logging  # pylint: disable=import-outside-toplevel
+
+        def drop(record):
+            return not str(record.msg).startswith("Using custom data configuration")
+
+        absl_logger = logging.getLogger("absl")
+        absl_logger.addFilter(drop)
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            absl_logger.removeFilter(drop)
+
+    # The mazes are generated here, nothing is downloaded: TFDS's banner ("Downloading and preparing dataset
+    # Unknown size ...") and its "downloaded and prepared" line would be wrong, so neither is printed.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _info(self) -> tfds.core.DatasetInfo:
         # DatasetInfo is built directly: `dataset_info_from_configs` would read README/CITATIONS files from this
         # module's package directory, which this builder does not have.
