@@ -4,7 +4,8 @@ The paper's "infinite data" regime (Tajwar et al., 2026, section on mazes): ever
 mazes; the policy is a small Qwen2-style decoder trained from scratch.
 
     python -m maxrl_jax.main --config=configs/maze.py --workdir=/tmp/maze              # CPU default
-    python -m maxrl_jax.main --config=configs/maze.py:paper --workdir=gs://.../maze    # paper scale
+    python -m maxrl_jax.main --config=configs/maze.py:paper --workdir=/mnt/bucket/maze  # paper scale (a
+                                                                   # gcsfuse mount for a bucket: docs/tpu.md)
     python -m maxrl_jax.main --config=configs/maze.py --workdir=/tmp/maze_grpo \
         --config.objective.name=grpo
 
@@ -127,6 +128,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.mesh.num_processes = -1  # -1 = $JAX_NUM_PROCESSES or auto-detected (TPU pods, SLURM).
   cfg.mesh.process_id = -1  # -1 = $JAX_PROCESS_ID or auto-detected.
 
+  # Where the metrics go besides <workdir>/metrics.jsonl (and the PNG curves written at the end).
+  cfg.logging = ml_collections.ConfigDict()
+  cfg.logging.tensorboard = True  # Event files in <workdir>/tensorboard (`tensorboard --logdir=<workdir>`).
+  cfg.logging.wandb = False  # True: also a Weights & Biases run (pip install wandb).
+  cfg.logging.wandb_project = "maxrl_jax"
+
   cfg.log_every_steps = 10
   cfg.checkpoint_every_steps = 50
   cfg.keep_checkpoints = 2
@@ -163,9 +170,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.model.ffn_size = 1024
     cfg.model.max_positions = 512
     cfg.model.dtype = "bfloat16"
+    # The official SFT (maze/sft.py): 1500 steps of 32 mazes, lr 5e-4 from the first step (its cosine over
+    # ~312K steps is flat over 1500), AdamW (0.9, 0.95), weight decay 0.01, clip 1.0.
     cfg.sft.steps = 1500
     cfg.sft.batch_size = 32
-    cfg.sft.warmup_steps = 100
+    cfg.sft.warmup_steps = 0
     cfg.rollout.num_prompts = 32
     cfg.rollout.num_samples = 128
     cfg.rollout.max_new_tokens = 180

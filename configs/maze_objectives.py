@@ -23,16 +23,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.base.progress_bar = False
     cfg.seeds = (0, 1, 2)
     pkpo_k, maclaurin_order = 4, 4  # Both < N = 16.
-  elif preset in ("long", "gpu"):
+  elif preset in ("long", "gpu", "long_tiny"):
     # The long-horizon comparison of MaxRL, GRPO and RLOO at 9 x 9: one SFT policy per seed shared by the
     # three objectives, held-out mazes never trained on, evaluations along the way for the curves.
     # long: 1000 RL steps on a CPU (about 12 minutes a run on 2 cores); gpu: 2000 steps and a larger
     # evaluation, sized to fit about 10 minutes on one H100/H200 with the seeds run side by side
     # (scripts/gpu_objectives.sh).
-    cfg.base = maze.get_config("default")
+    cfg.base = maze.get_config("tiny" if preset == "long_tiny" else "default")
     cfg.base.progress_bar = False
     cfg.seeds = (0, 1, 2)
-    if preset == "long":
+    if preset == "long_tiny":  # The same comparison at toy size (tests, dry runs of the GPU script).
+      cfg.base.rl.steps = 4
+      cfg.base.eval.every_steps = 2
+    elif preset == "long":
       cfg.base.rl.steps = 1000
       cfg.base.eval.every_steps = 100
       cfg.base.eval.num_mazes = 256
@@ -63,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.seeds = (0,)
     pkpo_k, maclaurin_order = 2, 2
   else:
-    raise ValueError(f"Unknown preset {preset!r}; allowed: cpu, long, gpu, paper, tiny.")
+    raise ValueError(f"Unknown preset {preset!r}; allowed: cpu, long, gpu, paper, tiny, long_tiny.")
 
   # name -> nested overrides of cfg.base. Baselines of the paper's table included.
   cfg.variants = ml_collections.ConfigDict({

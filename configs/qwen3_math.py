@@ -1,4 +1,4 @@
-r"""Qwen3-1.7B-Base / Qwen3-4B-Base on POLARIS-53K math (the paper's large-model runs, section 7 of the spec).
+r"""Qwen3-1.7B-Base / Qwen3-4B-Base on POLARIS-53K math (the paper's large-model runs).
 
 For accelerators with local weights and data; nothing is downloaded.
 

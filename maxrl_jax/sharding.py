@@ -203,6 +203,11 @@ class ChiefOnlyWriter:
       self._writer.truncate(keep)
     barrier("metrics_truncate")
 
+  def replace_all(self, records: list[dict]) -> None:
+    if is_chief():
+      self._writer.replace_all(records)
+    barrier("metrics_replace")
+
 
 # ------------------------------------------------------------------------------------------------ mesh
 

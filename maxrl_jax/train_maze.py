@@ -30,10 +30,12 @@ import tqdm
 from maxrl_jax import checkpoints
 from maxrl_jax import estimators
 from maxrl_jax import metrics as metrics_lib
+from maxrl_jax import plots
 from maxrl_jax import run_logging
 from maxrl_jax import sharding
 from maxrl_jax import train_steps
 from maxrl_jax import training_loop
+from maxrl_jax import workdir as workdir_lib
 from maxrl_jax.models import decoder
 from maxrl_jax.tasks import maze
 from maxrl_jax.tasks import maze_dataset
@@ -58,7 +60,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail("maze.size", str(e))
   if config.maze.train_data not in ("fresh", "fixed"):
     fail("maze.train_data", f"{config.maze.train_data!r}; allowed: 'fresh' (new mazes every step) or 'fixed'.")
-  for field in ("sft.steps", "rl.steps"):
+  for field in ("sft.steps", "rl.steps", "sft.warmup_steps"):
     group, name = field.split(".")
     if int(config[group][name]) != config[group][name] or config[group][name] < 0:
       fail(field, f"{config[group][name]!r} must be an integer >= 0.")
@@ -266,10 +268,13 @@ def evaluate(eval_fn, params, grids: jax.Array, chunk: int, key: jax.Array, num_
 
 
 def sft_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW with linear warm-up then a constant learning rate, from config.sft."""
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, config.sft.learning_rate, max(config.sft.warmup_steps, 1)),
-       optax.constant_schedule(config.sft.learning_rate)], [max(config.sft.warmup_steps, 1)])
+  """AdamW with linear warm-up (none when sft.warmup_steps is 0) then a constant learning rate, from config.sft."""
+  if config.sft.warmup_steps > 0:
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, config.sft.learning_rate, config.sft.warmup_steps),
+         optax.constant_schedule(config.sft.learning_rate)], [config.sft.warmup_steps])
+  else:  # The official maze SFT: the full learning rate from the first step.
+    schedule = optax.constant_schedule(config.sft.learning_rate)
   return train_steps.adamw(schedule, config.sft.b1, config.sft.b2, config.sft.weight_decay,
                            config.sft.grad_clip)
 
@@ -327,11 +332,42 @@ def _training_draw_keys(config, keys, rl_steps: int):
   return draw_keys, batch_sizes
 
 
+def finished_summary(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """The summary of a finished run of exactly this config in `workdir`, else None."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      summary = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None  # Rewritten at the end of the resumed run.
+  if (summary.get("config_sha256") == workdir_lib.config_digest(config.to_dict())
+      and summary.get("rl_steps") == config.rl.steps):
+    return summary
+  return None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) SFT then RL on mazes and returns the summary written to <workdir>/summary.json."""
+  """Runs (or resumes) SFT then RL on mazes and returns the summary written to <workdir>/summary.json.
+
+  One process at a time per workdir (a second one stops at once, naming the holder). A workdir that holds a
+  finished run of the same config is left untouched: its summary is returned.
+  """
   sharding.initialize_distributed(config.get("mesh"))  # Multi-host: before any JAX computation.
   validate_config(config)
   check_sft_source(config)
+  workdir = workdir_lib.prepare_workdir(workdir)
+  with workdir_lib.WorkdirLock(workdir, enabled=sharding.is_chief()):
+    finished = finished_summary(config, workdir)
+    if finished is not None:
+      print(f"{workdir} already holds this run, finished ({finished['rl_steps']} RL steps); nothing was "
+            f"changed. Its results: {os.path.join(workdir, 'summary.json')}", flush=True)
+      return finished
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Batches split over every device; parameters and optimizer state by config.mesh.param_rules.
   mesh = sharding.make_mesh(config.get("mesh"))
   param_rules = sharding.MeshConfig.from_config(config.get("mesh")).param_rules
@@ -339,15 +375,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     "sft.batch_size": config.sft.batch_size,
                                     "eval.prompt_chunk": config.eval.prompt_chunk})
   batch_sharding = sharding.batch_sharding(mesh)
-  os.makedirs(workdir, exist_ok=True)
   if sharding.is_chief():  # Run files are written once; orbax coordinates the checkpoints itself.
     run_logging.check_or_write_config(workdir, config.to_dict())
+  identity = workdir_lib.config_identity(config.to_dict())
   start_time = time.time()
 
   model_fns = decoder.DecoderFns(decoder.DecoderConfig.from_config(config.model))
   root = jax.random.key(config.seed)
   keys = {i: jax.random.fold_in(root, i) for i in range(5)}
-  writer = sharding.ChiefOnlyWriter(run_logging.MetricsWriter(workdir))
+  writer = sharding.ChiefOnlyWriter(run_logging.MetricsWriter(
+      workdir, sinks=run_logging.sinks_from_config(config, workdir) if sharding.is_chief() else ()))
   size = config.maze.size
   data_dir = config.maze.data_dir or os.path.join(workdir, "tfds")
   tfds.disable_progress_bar()
@@ -363,8 +400,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_grids = jnp.asarray(eval_grids_np)
   heldout_table = jnp.asarray(maze.hash_table(eval_grids_np))  # Never drawn for SFT or RL training.
 
-  sft_ckpt = checkpoints.PhaseCheckpointer(workdir, "sft", config.keep_checkpoints)
-  rl_ckpt = checkpoints.PhaseCheckpointer(workdir, "rl", config.keep_checkpoints)
+  # Checkpoints carry the run's records and its config identity; they are verified when restored.
+  sft_ckpt = checkpoints.PhaseCheckpointer(workdir, "sft", config.keep_checkpoints, identity=identity)
+  rl_ckpt = checkpoints.PhaseCheckpointer(workdir, "rl", config.keep_checkpoints, identity=identity)
   bar = functools.partial(tqdm.tqdm, disable=not (config.progress_bar and sharding.is_chief()),
                           dynamic_ncols=True)
 
@@ -374,6 +412,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, state_sharding = sharding.init_sharded(
       lambda key: train_steps.init_state(model_fns.init(key), sft_tx), keys[_KEY_INIT], mesh=mesh,
       rules=param_rules)
+  objective = config.objective
+  rl_tx = train_steps.adamw(config.rl.learning_rate, config.rl.b1, config.rl.b2, config.rl.weight_decay,
+                            config.rl.grad_clip)
+  rl_like, rl_state_sharding = sharding.init_sharded(
+      lambda params: train_steps.init_state(params, rl_tx), state.params, mesh=mesh, rules=param_rules)
 
   eval_fn = train_steps.make_eval_fn(
       model_fns, prompt_fn=maze.encode_prompts, verifier=maze.verify_groups,
@@ -383,45 +426,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       evaluate, eval_fn, grids=eval_grids, chunk=config.eval.prompt_chunk, key=keys[_KEY_EVAL],
       num_samples=config.eval.num_samples, ks=tuple(config.eval.ks), temperature=config.eval.temperature)
 
-  rl_resume = rl_ckpt.latest_step()
-  if rl_resume is None and config.sft.init_from:
+  rl_found = rl_ckpt.restore_latest(rl_like)
+  del rl_like
+  if rl_found is not None:
+    rl_resume, rl_state, extra = rl_found
+    records = training_loop.RecordKeeper.resume(writer, extra.get("records"), f"RL step {rl_resume}")
+  elif config.sft.init_from:
     # Start RL from another run's final SFT policy (shared by the objectives of an ablation).
+    rl_resume = None
     source = checkpoints.PhaseCheckpointer(config.sft.init_from, "sft", config.keep_checkpoints)
-    source_step = source.latest_step()
-    if source_step is None:
-      raise ValueError(f"config.sft.init_from: {config.sft.init_from!r} holds no SFT checkpoint yet.")
-    state = source.restore(source_step, state)
+    source_found = source.restore_latest(state)
     source.close()
-    writer.truncate(lambda r: False)
-    sft_params = state.params
-  elif rl_resume is None:
-    sft_resume = sft_ckpt.latest_step() or 0
-    if sft_resume:
-      state = sft_ckpt.restore(sft_resume, state)
-    writer.truncate(lambda r: r.get("phase") == "sft" and r.get("step", 0) <= sft_resume)
+    if source_found is None:
+      raise ValueError(f"config.sft.init_from: {config.sft.init_from!r} holds no SFT checkpoint yet.")
+    state = source_found[1]
+    records = training_loop.RecordKeeper.resume(writer, [], "the start")
+  else:
+    rl_resume = None
+    sft_found = sft_ckpt.restore_latest(state)
+    sft_resume = 0
+    if sft_found is not None:
+      sft_resume, state, extra = sft_found
+    records = training_loop.RecordKeeper.resume(
+        writer, extra.get("records") if sft_found else [], f"SFT step {sft_resume}" if sft_resume else "the start")
     sft_step = train_steps.make_sft_step(model_fns, sft_tx, state_sharding=state_sharding,
                                          batch_sharding=batch_sharding)
     sft_batch = _sft_batch_fn(config, batch_sharding, heldout_table)
     state = training_loop.run_phase(
         "sft", state, lambda s, step: sft_step(s, sft_batch(jax.random.fold_in(keys[_KEY_SFT_DATA], step))),
-        start=sft_resume, end=config.sft.steps, writer=writer, save=sft_ckpt.save,
+        start=sft_resume, end=config.sft.steps, writer=records,
+        save=lambda step, s: sft_ckpt.save(step, s, records.records),
         log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
         progress=functools.partial(bar, desc="SFT"))
-    sft_params = state.params
-  else:
-    writer.truncate(lambda r: r.get("phase") == "sft"
-                    or (r.get("phase") in ("rl", "eval") and r.get("step", 0) <= rl_resume))
-    sft_params = state.params  # Replaced by the RL checkpoint below.
 
   # ---------------------------------------------------------------- RL
-  objective = config.objective
-  rl_tx = train_steps.adamw(config.rl.learning_rate, config.rl.b1, config.rl.b2, config.rl.weight_decay,
-                            config.rl.grad_clip)
-  rl_state, rl_state_sharding = sharding.init_sharded(
-      lambda params: train_steps.init_state(params, rl_tx), sft_params, mesh=mesh, rules=param_rules)
+  if rl_resume is None:
+    rl_state, rl_state_sharding = sharding.init_sharded(
+        lambda params: train_steps.init_state(params, rl_tx), state.params, mesh=mesh, rules=param_rules)
   del state
-  if rl_resume is not None:
-    rl_state = rl_ckpt.restore(rl_resume, rl_state)
   rl_step = train_steps.make_rl_step(
       model_fns, rl_tx, prompt_fn=maze.encode_prompts, verifier=maze.verify_groups,
       advantage_fn=estimators.get_advantage_fn(objective.name, **estimators.kwargs_from_config(objective)),
@@ -430,10 +472,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       smoothing_gamma=objective.smoothing_gamma, self_filter=objective.self_filter,
       state_sharding=rl_state_sharding, batch_sharding=batch_sharding)
 
-  evals = {r["step"]: r for r in writer.read() if r.get("phase") == "eval"}
+  evals = {r["step"]: r for r in records.records if r.get("phase") == "eval"}
   if 0 not in evals:
     evals[0] = {"phase": "eval", "step": 0, **run_eval(rl_state.params)}
-    writer.write(evals[0])
+    records.write(evals[0])
 
   num_prompts = config.rollout.num_prompts
   if config.maze.train_data == "fixed":
@@ -459,7 +501,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rl_state = training_loop.run_phase(
       "rl", rl_state,
       lambda s, step: rl_step(s, next_grids(step), jax.random.fold_in(keys[_KEY_RL_SAMPLING], step), temperature),
-      start=rl_resume or 0, end=config.rl.steps, writer=writer, save=rl_ckpt.save,
+      start=rl_resume or 0, end=config.rl.steps, writer=records,
+      save=lambda step, s: rl_ckpt.save(step, s, records.records),
       log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
       progress=functools.partial(bar, desc=f"RL ({objective.name})"), evaluate=run_eval,
       eval_every=config.eval.every_steps, evals=evals, tokens_key="generated_tokens", annotate=annotate)
@@ -467,6 +510,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rl_ckpt.close()
 
   final_step = max(evals)
+  if final_step != config.rl.steps:  # Never report an evaluation the run did not make.
+    raise RuntimeError(f"{workdir}: the last held-out evaluation is at RL step {final_step}, not "
+                       f"rl.steps={config.rl.steps}; the records are incomplete. Re-run to resume.")
   final = {k: v for k, v in evals[final_step].items() if k not in ("phase", "step")}
   after_sft = {k: v for k, v in evals[0].items() if k not in ("phase", "step")}
   ks = list(config.eval.ks)
@@ -489,9 +535,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "heldout_mazes": heldout,
       "training_mazes": training_mazes,
       "wall_time_s_this_launch": time.time() - start_time,
+      "config_sha256": workdir_lib.config_digest(config.to_dict()),
   }
   if sharding.is_chief():
     run_logging.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    curves = plots.plot_run(workdir)
   def with_se(result):
     cells = {f"pass@{k}": f"{result[f'pass@{k}']:.4f} ± {result.get(f'pass@{k}_se', 0.0):.4f}" for k in ks}
     return {**cells, "fraction_solved": result["fraction_solved"]}
@@ -504,4 +552,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"{config.eval.num_samples} samples each, temperature {config.eval.temperature}; ± standard error "
             f"over mazes). Trained on {training_mazes['all']['distinct']} distinct mazes, "
             f"{training_mazes['all']['overlap_with_heldout']} of them held out."))
+  if sharding.is_chief() and curves:
+    print("Curves: " + ", ".join(curves), flush=True)
   return summary

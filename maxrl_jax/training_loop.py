@@ -11,15 +11,48 @@ intervals, evaluation points, checkpoint points and the step clock mean the same
 
 Step times (`step_time_s`, `tokens_per_s`) exclude the evaluation and checkpoint pauses. What a step does
 (on-device RL step, host verification, SFT batch) stays with the trainer in `step_fn`.
+
+A diverged run stops instead of looking successful: when a logged interval has a non-finite value of one of
+`finite_keys` (loss, gradient norm), or the parameters are not all finite when a checkpoint is due, the loop
+raises `NonFiniteError` naming the phase, the first bad step and the quantity, before saving anything, so the
+last checkpoint kept is the last finite one.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from maxrl_jax import run_logging
+
+FINITE_KEYS = ("loss", "grad_norm")
+
+
+class NonFiniteError(RuntimeError):
+  """Training produced a non-finite loss, gradient norm or parameter."""
+
+
+@jax.jit
+def params_are_finite(params) -> jax.Array:
+  """bool scalar: every floating-point leaf of `params` is finite (one device reduction)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _first_non_finite(phase, history, first_step, keys):
+  """(step, key, value) of the first non-finite metric among `keys` in an interval's history, else None."""
+  for offset, metrics in enumerate(jax.device_get(list(history))):
+    for key in keys:
+      if key in metrics and not math.isfinite(float(np.asarray(metrics[key]))):
+        return first_step + offset, key, float(np.asarray(metrics[key]))
+  return None
 
 
 def _due(step: int, every: int | None, end: int) -> bool:
@@ -43,6 +76,8 @@ def run_phase(
     evals: MutableMapping[int, dict] | None = None,
     tokens_key: str | None = None,
     annotate: Callable[[dict, int], None] | None = None,
+    finite_keys: Sequence[str] = FINITE_KEYS,
+    last_saved: int | None = None,
 ) -> Any:
   """Runs steps start+1..end of one phase and returns the final state.
 
@@ -61,12 +96,24 @@ def run_phase(
       each result is written as an "eval" record and stored in `evals[step]`.
     tokens_key: metric summed into `tokens_per_s` (e.g. "generated_tokens").
     annotate: optional (record, step) -> None, adds fields (e.g. the epoch) to an interval record.
+    finite_keys: metrics that must stay finite; a non-finite one raises NonFiniteError (as do non-finite
+      parameters at a checkpoint).
+    last_saved: the step of the newest checkpoint already on disk (for the error message).
   """
   if evaluate is not None and evals is None:
     raise ValueError("Pass `evals` (a dict) to receive the evaluations.")
   steps = range(start + 1, end + 1)
   bar = progress(steps, initial=start, total=end) if progress is not None else steps
   history, tick = [], time.time()
+  saved = last_saved if last_saved is not None else (start or None)
+
+  def diverged(step, quantity, value):
+    where = f"the checkpoint of step {saved}" if saved else "no checkpoint of this phase"
+    return NonFiniteError(
+        f"{phase} diverged: {quantity} is {value} at step {step}. Nothing after it was saved; the run keeps "
+        f"{where} (the last finite state). Lower the learning rate (or check the data) and start again in a "
+        "new --workdir.")
+
   for step in bar:
     state, step_metrics = step_fn(state, step)
     history.append(step_metrics)
@@ -75,14 +122,61 @@ def run_phase(
       if annotate is not None:
         annotate(record, step)
       writer.write(record)
+      if any(key in record and not math.isfinite(record[key]) for key in finite_keys):
+        bad = _first_non_finite(phase, history, step - len(history) + 1, finite_keys)
+        raise diverged(*(bad or (step, "an interval mean", "not finite")))
       if "pass_rate" in record and hasattr(bar, "set_postfix"):
         bar.set_postfix(pass_rate=f"{record['pass_rate']:.3f}")
       history, tick = [], time.time()
     pause = time.time()
+    checkpoint_due = _due(step, checkpoint_every, end)
+    if checkpoint_due and not bool(params_are_finite(state.params)):
+      raise diverged(step, "a parameter", "not finite")
     if evaluate is not None and _due(step, eval_every, end):
       evals[step] = {"phase": "eval", "step": step, **evaluate(state.params)}
       writer.write(evals[step])
-    if _due(step, checkpoint_every, end):
+    if checkpoint_due:
       save(step, state)
+      saved = step
     tick += time.time() - pause  # Step times exclude evaluation and checkpointing.
   return state
+
+
+class RecordKeeper:
+  """The run's metrics records in memory (what each checkpoint stores) and in metrics.jsonl.
+
+  Use `RecordKeeper.resume(writer, records_of_the_checkpoint, where)` when a phase starts: the checkpoint's
+  records are the source of truth, so metrics.jsonl is rewritten to exactly them (a deleted, shortened or
+  edited file is rebuilt, with a message); a malformed line in the file is an error naming it.
+  """
+
+  def __init__(self, writer: Any, records: list[dict]):
+    self.writer = writer
+    self.records = [dict(r) for r in records]
+
+  @classmethod
+  def resume(cls, writer: Any, records: list[dict] | None, where: str) -> "RecordKeeper":
+    records = [dict(r) for r in (records or [])]
+    on_file = writer.read()  # Raises, naming file and line, on a malformed record.
+    if on_file[:len(records)] != records:
+      print(f"{writer.path}: did not hold the records of {where} ({len(on_file)} records on file, "
+            f"{len(records)} in the checkpoint); rebuilt from the checkpoint.", flush=True)
+    replace = getattr(writer, "replace_all", None)
+    if replace is None:
+      writer.truncate(lambda r: False)
+      for r in records:
+        writer.write(r)
+    else:
+      replace(records)
+    return cls(writer, records)
+
+  @property
+  def path(self):
+    return getattr(self.writer, "path", None)
+
+  def read(self) -> list[dict]:
+    return [dict(r) for r in self.records]
+
+  def write(self, record) -> None:
+    self.records.append(run_logging.jsonable_record(record))
+    self.writer.write(record)

@@ -1,7 +1,7 @@
-"""Plain-Python reference for the maze task, written from spec section 4 and independent of the JAX code.
+"""Plain-Python reference for the maze task, written from the paper's task description and independent of the JAX code.
 
 Grids are lists of lists (or anything indexable as grid[r][c]) with 1 = wall and 0 = free; start (1, 1),
-goal (S-2, S-2). Token ids are written out here from the spec rather than imported, so a wrong constant in
+goal (S-2, S-2). Token ids are written out here from the task description rather than imported, so a wrong constant in
 `maxrl_jax.tasks.maze` is caught by the tests.
 """
 
@@ -74,7 +74,7 @@ def bfs_distance(grid):
 
 
 def verify(grid, response) -> float:
-    """The spec's verifier, rule by rule."""
+    """The task's verifier, rule by rule."""
     size = len(grid)
     goal = (size - 2, size - 2)
     response = [int(token) for token in response]
@@ -107,7 +107,7 @@ def walk_ends(grid, actions):
 
 
 def prim_tree_distribution(size: int) -> dict[frozenset, fractions.Fraction]:
-    """Exact probability of every maze randomised Prim (spec section 4) produces on a size x size grid.
+    """Exact probability of every maze randomised Prim produces on a size x size grid.
 
     A maze is identified by its set of carved links, each a frozenset of two cells in cell coordinates
     (i, j) <-> grid (2i+1, 2j+1). Exhaustive over all choice sequences, merged by the partial tree.

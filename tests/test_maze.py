@@ -1,4 +1,4 @@
-"""Tests of the maze task against the plain-Python reference in maze_reference.py (spec section 4).
+"""Tests of the maze task against the plain-Python reference in maze_reference.py.
 
 Every jitted function is built once at module scope and called with a few fixed shapes, so the file compiles
 a handful of programs and runs in seconds on a 2-core CPU.
@@ -158,7 +158,7 @@ def test_keys_determine_mazes(mazes_by_size, tiny_mazes):
 
 @pytest.mark.parametrize("size", [5, 7])
 def test_prim_distribution_matches_exact_enumeration(size, small_mazes, tiny_mazes):
-    """Chi-square of the generator's maze frequencies against the exact law of the spec's Prim process."""
+    """Chi-square of the generator's maze frequencies against the exact law of the Prim process."""
     exact = ref.prim_tree_distribution(size)
     grids = small_mazes if size == SMALL else tiny_mazes
     counts = collections.Counter(ref.grid_links(grid) for grid in grids.tolist())
@@ -337,7 +337,7 @@ def hand_case_rewards():
 
 @pytest.mark.parametrize("name, response, reward", HAND_CASES, ids=[case[0] for case in HAND_CASES])
 def test_verifier_hand_cases(name, response, reward, hand_case_rewards):
-    assert ref.verify(HAND_GRID.tolist(), response) == reward, "reference disagrees with the spec"
+    assert ref.verify(HAND_GRID.tolist(), response) == reward, "reference disagrees with the task rules"
     assert hand_case_rewards[name] == reward
 
 

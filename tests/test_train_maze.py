@@ -63,7 +63,11 @@ def test_tiny_run_writes_outputs(tmp_path, capsys):
   with open(os.path.join(workdir, "summary.json")) as f:
     saved = json.load(f)
   assert saved["objective"] == "maxrl"
-  assert set(saved["eval"]) >= {"pass@1", "pass@4", "pass@8"}
+  assert set(saved["eval"]) >= {"pass@1", "pass@4", "pass@8", "pass@1_se", "best@8_bootstrap"}
+  # Held-out mazes are never trained on; the run measures it by regenerating every training maze.
+  assert saved["training_mazes"]["all"]["overlap_with_heldout"] == 0
+  assert saved["training_mazes"]["sft"]["drawn"] == 6 * 8 and saved["training_mazes"]["rl"]["drawn"] == 6 * 4
+  assert saved["heldout_mazes"]["num_mazes"] == 8
   assert summary["eval"] == saved["eval"]
   assert "after RL" in capsys.readouterr().out
   # Running it again on the finished workdir resumes at the end and reproduces the summary.

@@ -1,6 +1,6 @@
 """The maze task: random Prim mazes, BFS shortest paths, tokenisation and the verifier.
 
-This is the paper's "infinite data" regime (spec section 4): every training step draws fresh mazes, so every
+This is the paper's "infinite data" regime (the paper's maze experiments): every training step draws fresh mazes, so every
 function here is a pure, jittable JAX function of explicit PRNG keys and fixed (static) shapes.
 
 Grids. A maze is an int8 array [S, S] with 1 = wall and 0 = free, S odd and >= 5. The start is the cell
@@ -151,7 +151,7 @@ def _uniform_index_of_true(random_bits: jax.Array, mask: jax.Array) -> jax.Array
 def generate_maze(rng: jax.Array, size: int) -> jax.Array:
     """One randomised-Prim maze: int8 [size, size], 1 = wall, 0 = free.
 
-    Rule (spec section 4). Start all walls. The cells are the odd-coordinate positions (2i+1, 2j+1),
+    Rule (the paper's maze task). Start all walls. The cells are the odd-coordinate positions (2i+1, 2j+1),
     i, j in [0, n), n = (S-1)/2. Carve the start (1, 1); the frontier is the set of uncarved cells two steps
     away from a carved cell. Repeat n^2 - 1 times: take a uniformly random frontier cell, connect it to a
     uniformly random already-carved cell two steps away (carve the midpoint and the cell), and add its
@@ -570,7 +570,7 @@ def verify(grid: jax.Array, response: jax.Array) -> jax.Array:
       grid: int [S, S], nonzero = wall; start (1, 1), goal (S-2, S-2).
       response: int [R], the sampled tokens after PATH_START (any R >= 1; the sampler's cap, 180 in the paper).
 
-    Rules (spec section 4), applied in this order:
+    Rules (the paper's maze task), applied in this order:
       1. No DONE anywhere in the response (including truncation at the cap) -> 0.
       2. Any token before the first DONE that is not UP/DOWN/LEFT/RIGHT (PAD, EOS, grid tokens, ...) -> 0.
       3. Walk from the start through the actions before the first DONE: a move that leaves the grid or enters
