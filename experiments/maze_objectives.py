@@ -8,6 +8,8 @@ Writes <workdir>/results.{json,md} (held-out pass@k, mean ± std over seeds) and
 
 from __future__ import annotations
 
+import os
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -24,17 +26,19 @@ PAPER_MAZE_TABLE = {
 }
 
 
-def plot_pass_at_k(summaries, variants, seeds, ks, path, title):
+def plot_pass_at_k(summaries, seeds_of, ks, path, title):
+  """Final held-out pass@k against k (log axis), mean over each variant's seeds, with the SFT policy."""
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name in variants:
+  for name, seeds in seeds_of.items():
     means = [np.mean([summaries[f"{name}/seed{s}"]["eval"][f"pass@{k}"] for s in seeds]) for k in ks]
-    ax.plot(ks, means, marker="o", label=name)
-  sft = np.mean([[summaries[f"{variants[0]}/seed{s}"]["sft_eval"][f"pass@{k}"] for k in ks] for s in seeds], 0)
+    ax.plot(ks, means, marker="o", label=f"{name} ({common.count(len(seeds), 'seed')})")
+  first = next(iter(seeds_of))
+  sft = np.mean([[summaries[f"{first}/seed{s}"]["sft_eval"][f"pass@{k}"] for k in ks] for s in seeds_of[first]], 0)
   ax.plot(ks, sft, "k--", label="SFT policy")
   ax.set_xscale("log", base=2)
   ax.set_xlabel("k")
   ax.set_ylabel("held-out pass@k")
-  ax.set_title(title)
+  ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
@@ -42,10 +46,11 @@ def plot_pass_at_k(summaries, variants, seeds, ks, path, title):
   plt.close(fig)
 
 
-def plot_training(workdir, variants, seeds, path, keys=("pass_rate", "fraction_solved")):
+def plot_training(workdir, seeds_of, path, keys=("pass_rate", "fraction_solved")):
+  """Training pass rate and fraction of prompts solved against RL step, mean over each variant's seeds."""
   fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4))
   for ax, key in zip(np.atleast_1d(axes), keys):
-    for name in variants:
+    for name, seeds in seeds_of.items():
       curves = [common.train_curves(f"{workdir}/runs/{name}/seed{s}", key) for s in seeds]
       steps = curves[0][0]
       ax.plot(steps, np.mean([c[1] for c in curves], 0), label=name)
@@ -58,10 +63,10 @@ def plot_training(workdir, variants, seeds, path, keys=("pass_rate", "fraction_s
   plt.close(fig)
 
 
-def heldout_curves(workdir, variants, seeds, key):
+def heldout_curves(workdir, seeds_of, key):
   """{variant: (steps [E], values [seeds, E])} of a held-out metric along training (the eval records)."""
   curves = {}
-  for name in variants:
+  for name, seeds in seeds_of.items():
     per_seed = [common.eval_curves(f"{workdir}/runs/{name}/seed{s}", key) for s in seeds]
     steps = per_seed[0][0]
     if any(not np.array_equal(s, steps) for s, _ in per_seed):
@@ -70,44 +75,61 @@ def heldout_curves(workdir, variants, seeds, key):
   return curves
 
 
-def plot_heldout_curves(workdir, variants, seeds, ks, path, title):
+def plot_heldout_curves(workdir, seeds_of, ks, path, title):
   """Held-out pass@k against RL step, one panel per k: mean over seeds with a band of ± one sample std."""
   fig, axes = plt.subplots(1, len(ks), figsize=(4.6 * len(ks), 3.8), squeeze=False)
   for ax, k in zip(axes[0], ks):
-    for name, (steps, values) in heldout_curves(workdir, variants, seeds, f"pass@{k}").items():
+    for name, (steps, values) in heldout_curves(workdir, seeds_of, f"pass@{k}").items():
       mean = values.mean(0)
-      std = values.std(0, ddof=1) if len(seeds) > 1 else np.zeros_like(mean)
-      (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=name)
+      std = values.std(0, ddof=1) if len(values) > 1 else np.zeros_like(mean)
+      (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=f"{name} ({len(values)})")
       ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("RL step")
     ax.set_ylabel(f"held-out pass@{k}")
     ax.grid(alpha=0.3)
-  axes[0][0].legend(fontsize=8)
-  fig.suptitle(title, fontsize=9)
+  axes[0][0].legend(fontsize=8, title="variant (seeds)", title_fontsize=8)
+  fig.suptitle(title + "; band: ± 1 std over seeds", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-def best_step_table(workdir, variants, seeds, ks, select="pass@1"):
+def _cell(agg):
+  return f"{agg['mean']:.3f} ± {agg['std']:.3f}"
+
+
+def final_table(summaries, seeds_of, keys):
+  """Rows {variant, seeds, key: aggregate over seeds} of the final evaluation, and the markdown table."""
+  rows = []
+  lines = ["| variant | seeds | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+  for name, seeds in seeds_of.items():
+    row = {"variant": name, "seeds": list(seeds)}
+    for key in keys:
+      row[key] = common.aggregate([summaries[f"{name}/seed{s}"]["eval"][key] for s in seeds])
+    rows.append(row)
+    lines.append(f"| {name} | {len(seeds)} | " + " | ".join(_cell(row[k]) for k in keys) + " |")
+  return rows, "\n".join(lines)
+
+
+def best_step_table(workdir, seeds_of, ks, select="pass@1"):
   """Each variant at its best step (the eval step with the highest mean `select` over seeds).
 
   Returns (rows, markdown). Choosing the step on the held-out mazes flatters every variant a little (it is
   a maximum over noisy evaluations); it shows what each objective reaches, not an unbiased final score.
   """
   rows = []
-  lines = ["| variant | best step | " + " | ".join(f"pass@{k}" for k in ks) + " |",
-           "|" + "---|" * (len(ks) + 2)]
-  for name in variants:
-    steps, chosen = heldout_curves(workdir, [name], seeds, select)[name]
+  lines = ["| variant | seeds | best step | " + " | ".join(f"pass@{k}" for k in ks) + " |",
+           "|" + "---|" * (len(ks) + 3)]
+  for name, seeds in seeds_of.items():
+    steps, chosen = heldout_curves(workdir, {name: seeds}, select)[name]
     best = int(np.argmax(chosen.mean(0)))
-    row = {"variant": name, "step": int(steps[best])}
+    row = {"variant": name, "seeds": list(seeds), "step": int(steps[best])}
     for k in ks:
-      _, values = heldout_curves(workdir, [name], seeds, f"pass@{k}")[name]
+      _, values = heldout_curves(workdir, {name: seeds}, f"pass@{k}")[name]
       row[f"pass@{k}"] = common.aggregate(list(values[:, best]))
     rows.append(row)
-    lines.append(f"| {name} | {row['step']} | " + " | ".join(
-        f"{row[f'pass@{k}']['mean']:.3f} ± {row[f'pass@{k}']['std']:.3f}" for k in ks) + " |")
+    lines.append(f"| {name} | {len(seeds)} | {row['step']} | " + " | ".join(_cell(row[f'pass@{k}']) for k in ks)
+                 + " |")
   return rows, "\n".join(lines)
 
 
@@ -122,41 +144,66 @@ def run_variants(config: ml_collections.ConfigDict) -> dict[str, dict]:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   planned = run_variants(config)
-  variants = list(planned)
-  seeds = list(config.seeds)
-  runs = common.seed_runs(planned, seeds)
+  runs = common.seed_runs(planned, list(config.seeds))
   summaries = common.run_all(config.base, workdir, runs)
+  return report(config, workdir, summaries)
+
+
+def finished_summaries(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+  """{variant/seed<s>: summary} of the runs of `config` that have finished in `workdir` (others are left out)."""
+  summaries = {}
+  for name in run_variants(config):
+    for seed in config.seeds:
+      run_dir = os.path.join(workdir, "runs", name, f"seed{seed}")
+      if common.is_finished(run_dir, config.base.rl.steps):
+        summaries[f"{name}/seed{seed}"] = common.read_summary(run_dir)
+  return summaries
+
+
+def report(config: ml_collections.ConfigDict, workdir: str, summaries: dict[str, dict]) -> dict:
+  """results.{json,md} and the plots, from finished runs (a variant may have fewer seeds than configured)."""
+  seeds_of = {}
+  for name in run_variants(config):
+    seeds = [s for s in config.seeds if f"{name}/seed{s}" in summaries]
+    if seeds:
+      seeds_of[name] = seeds
+  if not seeds_of:
+    raise ValueError(f"{workdir} holds no finished run of this ablation yet.")
   ks = list(config.base.eval.ks)
   keys = [f"pass@{k}" for k in ks] + ["fraction_solved"]
-  rows, table = common.seed_table(summaries, variants, seeds, keys)
-  sft = common.aggregate([summaries[f"{variants[0]}/seed{s}"]["sft_eval"]["pass@1"] for s in seeds])
+  rows, table = final_table(summaries, seeds_of, keys)
+  all_seeds = sorted({s for seeds in seeds_of.values() for s in seeds})
+  first = next(iter(seeds_of))
+  sft = common.aggregate([summaries[f"{first}/seed{s}"]["sft_eval"]["pass@1"] for s in seeds_of[first]])
   base = config.base
   title = (f"Maze objectives: {base.maze.size}x{base.maze.size}, {base.rollout.num_prompts} prompts x "
-           f"{base.rollout.num_samples} rollouts, {base.rl.steps} RL steps, {common.count(len(seeds), 'seed')}")
-  plot_pass_at_k(summaries, variants, seeds, ks, f"{workdir}/pass_at_k.png", title)
-  plot_training(workdir, variants, seeds, f"{workdir}/training_curves.png")
+           f"{base.rollout.num_samples} rollouts, {base.rl.steps} RL steps, "
+           f"{common.count(len(all_seeds), 'seed')}")
+  plot_pass_at_k(summaries, seeds_of, ks, f"{workdir}/pass_at_k.png", title)
+  plot_training(workdir, seeds_of, f"{workdir}/training_curves.png")
   plots = ["pass_at_k.png", "training_curves.png"]
-  best_rows, best_table = best_step_table(workdir, variants, seeds, ks)
+  best_rows, best_table = best_step_table(workdir, seeds_of, ks)
   curve_ks = [ks[0], ks[-1]] if len(ks) > 1 else ks
   if base.rl.steps > base.eval.every_steps:  # Evaluated along the way: held-out curves with seed bands.
-    plot_heldout_curves(workdir, variants, seeds, curve_ks, f"{workdir}/heldout_curves.png", title)
+    plot_heldout_curves(workdir, seeds_of, curve_ks, f"{workdir}/heldout_curves.png", title)
     plots.append("heldout_curves.png")
   overlap = max(s.get("training_mazes", {}).get("all", {}).get("overlap_with_heldout", -1)
                 for s in summaries.values())
   distinct = [s["training_mazes"]["all"]["distinct"] for s in summaries.values() if "training_mazes" in s]
   se = common.aggregate([s["eval"].get("pass@1_se", float("nan")) for s in summaries.values()])
+  missing = [f"{n}/seed{s}" for n in run_variants(config) for s in config.seeds if f"{n}/seed{s}" not in summaries]
   markdown = "\n".join([
       f"### {title}", "",
       f"Held-out: {base.eval.num_mazes} mazes x {base.eval.num_samples} samples, never trained on (the most "
       f"held-out mazes any run trained on: {overlap}; distinct training mazes per run: "
       f"{min(distinct, default=0)}-{max(distinct, default=0)}). Mean ± std over seeds; the standard error "
       f"of one run's pass@1 over the held-out mazes is about {se['mean']:.3f}. SFT policy pass@1 = "
-      f"{sft['mean']:.3f} ± {sft['std']:.3f}.", "",
-      f"At the last step ({base.rl.steps}):", "", table, "",
+      f"{sft['mean']:.3f} ± {sft['std']:.3f}." + (f" Not finished yet: {', '.join(missing)}." if missing else ""),
+      "", f"At the last step ({base.rl.steps}):", "", table, "",
       "At each variant's best step (highest mean held-out pass@1 over the evaluations; chosen on the "
       "held-out mazes, so slightly optimistic):", "", best_table, ""])
   payload = {"title": title, "rows": rows, "best_step_rows": best_rows, "sft_pass@1": sft,
-             "max_heldout_overlap": overlap, "variants": config.variants.to_dict(),
+             "max_heldout_overlap": overlap, "unfinished_runs": missing, "variants": config.variants.to_dict(),
              "paper_maze_table": PAPER_MAZE_TABLE, "plots": plots}
   common.write_results(workdir, payload, markdown)
   return payload
