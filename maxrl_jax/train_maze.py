@@ -29,6 +29,7 @@ import tqdm
 
 from maxrl_jax import checkpoints
 from maxrl_jax import estimators
+from maxrl_jax import memory_plan
 from maxrl_jax import metrics as metrics_lib
 from maxrl_jax import plots
 from maxrl_jax import run_logging
@@ -332,6 +333,19 @@ def _training_draw_keys(config, keys, rl_steps: int):
   return draw_keys, batch_sizes
 
 
+def _check_memory(config, model_config, mesh) -> None:
+  """Prints the RL step's memory plan per device and refuses, before compiling, a config over the budget."""
+  stats = jax.devices()[0].memory_stats() or {}
+  plan = memory_plan.estimate(
+      model_config, memory_plan.Workload(config.rollout.num_prompts, config.rollout.num_samples,
+                                         maze.prompt_length(config.maze.size), config.rollout.max_new_tokens),
+      mesh=(mesh.shape["data"], mesh.shape["fsdp"]), device_bytes=stats.get("bytes_limit"),
+      reserve_bytes=memory_plan.GiB if stats.get("bytes_limit") else 0)
+  if sharding.is_chief() and stats.get("bytes_limit"):
+    print(f"memory plan: {plan.describe()}", flush=True)
+  memory_plan.check(plan)
+
+
 def finished_summary(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """The summary of a finished run of exactly this config in `workdir`, else None."""
   path = os.path.join(workdir, "summary.json")
@@ -381,6 +395,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   start_time = time.time()
 
   model_fns = decoder.DecoderFns(decoder.DecoderConfig.from_config(config.model))
+  _check_memory(config, model_fns.config, mesh)
   root = jax.random.key(config.seed)
   keys = {i: jax.random.fold_in(root, i) for i in range(5)}
   writer = sharding.ChiefOnlyWriter(run_logging.MetricsWriter(
