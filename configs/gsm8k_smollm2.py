@@ -149,6 +149,12 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.mesh.num_processes = -1
   cfg.mesh.process_id = -1
 
+  # Where the metrics go besides <workdir>/metrics.jsonl (and the PNG curves written at the end).
+  cfg.logging = ml_collections.ConfigDict()
+  cfg.logging.tensorboard = True  # Event files in <workdir>/tensorboard (`tensorboard --logdir=<workdir>`).
+  cfg.logging.wandb = False  # True: also a Weights & Biases run (pip install wandb).
+  cfg.logging.wandb_project = "maxrl_jax"
+
   cfg.log_every_steps = 1
   cfg.checkpoint_every_steps = 50
   cfg.keep_checkpoints = 2

@@ -23,6 +23,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import time
 
 from absl import app
@@ -245,9 +246,11 @@ def main(argv):
     summary_path = os.path.join(run_dir, "summary.json")
     if _RERUN.value or not os.path.exists(summary_path):
       if _RERUN.value and os.path.exists(run_dir):
-        for leftover in ("metrics.jsonl", "summary.json", train_lib.CHECKPOINT_FILE):
+        for leftover in ("metrics.jsonl", "summary.json"):
           if os.path.exists(os.path.join(run_dir, leftover)):
             os.remove(os.path.join(run_dir, leftover))
+        for leftover in ("checkpoints", "tensorboard"):  # Otherwise the run would resume from its checkpoint.
+          shutil.rmtree(os.path.join(run_dir, leftover), ignore_errors=True)
       config = copy.deepcopy(base)
       config.objective.name = name
       for key, value in kwargs.items():

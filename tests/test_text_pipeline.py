@@ -283,7 +283,7 @@ def test_zero_reward_at_the_length_cap(tokenizer_dir, zero_truncated):
 
 
 _E2E_SCRIPT = """
-import json, sys
+import json, os, sys
 import jax
 sys.path.insert(0, {repo!r})
 from configs import gsm8k_smollm2
@@ -291,7 +291,8 @@ from maxrl_jax.text import train
 config = gsm8k_smollm2.get_config("tiny")
 config.mesh.shape = (1, 2)  # parameters and optimizer state split over 2 devices, prompts too
 first = train.train_and_evaluate(config, {workdir!r})
-again = train.train_and_evaluate(config, {workdir!r})  # the finished run resumes: nothing new
+os.remove(os.path.join({workdir!r}, "summary.json"))  # not finished: it resumes from the sharded checkpoint
+again = train.train_and_evaluate(config, {workdir!r})  # the last checkpoint is at the end: nothing new
 json.dump({{"first": first, "again": again, "devices": len(jax.devices())}}, open({out!r}, "w"))
 """
 

@@ -12,14 +12,20 @@ Writes into DIR:
                   the held-out split and "eval_train" a fixed subset of the train split, both in eval mode
                   with analytic pass@k (k = 1, 2, 4, ..., 1024), top-1 accuracy and NLL.
   summary.json    {"objective", "num_samples", "eval": {"pass@1", ..., "top1", "pass_rate"}, "eval_train",
-                  "initial_eval", timings, hardware}.
+                  "initial_eval", timings, hardware, "config_sha256"}.
   tensorboard/    TensorBoard event files of the same records (config.logging.tensorboard, on by default);
                   config.logging.wandb=True also logs them to Weights & Biases.
   curves_*.png    held-out pass@k and the training curves, drawn from metrics.jsonl (maxrl_jax/plots.py).
   tfds/           the prepared dataset, unless config.data.data_dir names another TFDS data dir.
   checkpoints/train/<step>/   orbax checkpoints of the train state (params, batch_stats, optimiser state,
-                  step): every config.checkpoint.every_steps and at the end. Re-running the same command on
-                  the same workdir resumes from the latest one (metrics.jsonl is cut back to it).
+                  step) and of the run's records so far: every config.checkpoint.every_steps and at the end,
+                  verified by digest when restored (maxrl_jax/checkpoints.py).
+
+Re-running the same command on the same workdir resumes from the newest good checkpoint (a corrupt one is
+moved aside and the previous one used; one of another config is refused), and metrics.jsonl is rebuilt from
+that checkpoint's records. A workdir holding a finished run of the same config (summary.json's
+"config_sha256") is left untouched, and one process at a time holds a workdir. A non-finite loss, gradient
+norm or parameter stops the run (training_loop.NonFiniteError, naming the step) before it is evaluated or saved.
 
 The step is a pure function `(state, batch) -> (state, metrics)`; `steps_per_call` steps are fused into one
 jitted `lax.scan`, so metrics leave the device once per call. Keys are `fold_in(named_key, step)`, so a
@@ -30,6 +36,7 @@ statistics are taken over the global batch.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -50,6 +57,8 @@ from maxrl_jax import checkpoints as checkpoints_lib
 from maxrl_jax import metrics as metrics_lib
 from maxrl_jax import plots
 from maxrl_jax import run_logging
+from maxrl_jax import training_loop
+from maxrl_jax import workdir as workdir_lib
 from maxrl_jax.classification import data as data_lib
 from maxrl_jax.classification import models
 from maxrl_jax.classification import objectives
@@ -324,8 +333,11 @@ def create_train_state(model, tx, image_shape: tuple[int, ...], init_key: Array)
                     opt_state=tx.init(params))
 
 
-def open_checkpointer(workdir: str, config: ml_collections.ConfigDict) -> checkpoints_lib.PhaseCheckpointer:
-  return checkpoints_lib.PhaseCheckpointer(workdir, CHECKPOINT_PHASE, int(config.checkpoint.get("keep", 2)))
+def open_checkpointer(workdir: str, config: ml_collections.ConfigDict,
+                      identity: dict | None = None) -> checkpoints_lib.PhaseCheckpointer:
+  """The run's checkpointer; with `identity` (workdir.config_identity) a checkpoint of another config is refused."""
+  return checkpoints_lib.PhaseCheckpointer(workdir, CHECKPOINT_PHASE, int(config.checkpoint.get("keep", 2)),
+                                           identity=identity)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -365,13 +377,78 @@ def _print_table(summary: dict, ks, out=sys.stdout) -> None:
   print("\n".join(lines), file=out, flush=True)
 
 
+def _expected_steps(config: ml_collections.ConfigDict, workdir: str) -> int | None:
+  """The run's number of steps, or None when it depends on a dataset whose size is not known yet."""
+  if config.train.num_steps > 0:
+    return int(config.train.num_steps)
+  num_train, _ = _dataset_sizes(config, workdir)
+  if num_train is None:
+    return None
+  return int(math.ceil(config.train.num_epochs * (num_train // int(config.train.batch_size))))
+
+
+def finished_summary(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """The summary of a finished run of exactly this config in `workdir`, else None."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      summary = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None  # Rewritten at the end of the resumed run.
+  if not isinstance(summary, dict) or summary.get("config_sha256") != workdir_lib.config_digest(config.to_dict()):
+    return None
+  expected = _expected_steps(config, workdir)
+  if "steps" not in summary or (expected is not None and summary["steps"] != expected):
+    return None
+  return summary
+
+
+def _diverged(step: int, quantity: str, value: Any, saved: int | None) -> training_loop.NonFiniteError:
+  where = f"the checkpoint of step {saved}" if saved else "no checkpoint"
+  return training_loop.NonFiniteError(
+      f"train diverged: {quantity} is {value} at step {step}. Nothing after it was saved; the run keeps {where} "
+      "(the last finite state). Lower the learning rate (or check the data) and start again in a new --workdir.")
+
+
+def _check_finite_metrics(calls: list[tuple[int, dict]], saved: int | None) -> None:
+  """Raises NonFiniteError at the first step whose loss or gradient norm is not finite.
+
+  `calls` holds (first step of the call, {metric: [steps of the call]}) of the fused calls not checked yet.
+  """
+  for first_step, metrics in jax.device_get(calls):
+    for key in training_loop.FINITE_KEYS:
+      if key not in metrics:
+        continue
+      values = np.ravel(np.asarray(metrics[key], np.float64))
+      bad = np.flatnonzero(~np.isfinite(values))
+      if bad.size:
+        raise _diverged(first_step + int(bad[0]), key, float(values[bad[0]]), saved)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains a classifier with config.objective and evaluates it; returns the summary (see module doc)."""
+  """Trains a classifier with config.objective and evaluates it; returns the summary (see module doc).
+
+  One process at a time per workdir (a second one stops at once, naming the holder). A workdir that holds a
+  finished run of the same config is left untouched: its summary is returned.
+  """
   start_time = time.time()
   objective = validate_config(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  workdir = workdir_lib.prepare_workdir(workdir)
+  with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    finished = finished_summary(config, workdir)
+    if finished is not None:
+      print(f"{workdir} already holds this run, finished ({finished['steps']} steps); nothing was changed. "
+            f"Its results: {os.path.join(workdir, 'summary.json')}", flush=True)
+      return finished
+    return _train_and_evaluate(config, workdir, objective, start_time)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, objective: objectives.Objective,
+                        start_time: float) -> dict:
   run_logging.check_or_write_config(workdir, config.to_dict())
+  identity = workdir_lib.config_identity(config.to_dict())
 
   data = data_lib.load_data(config.data, default_data_dir=os.path.join(workdir, "tfds"))
   batch_size = int(config.train.batch_size)
@@ -396,21 +473,77 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   state = jax.jit(lambda: create_train_state(model, tx, data.image_shape, init_key),
                   out_shardings=replicated)()
-  checkpointer = open_checkpointer(workdir, config)
-  latest = checkpointer.latest_step()
-  if latest is not None and not config.checkpoint.resume:
-    raise ValueError(f"--workdir {workdir} already holds checkpoints (latest step {latest}) and "
-                     "config.checkpoint.resume=False: use a new --workdir.")
-  writer = run_logging.MetricsWriter(workdir, sinks=run_logging.sinks_from_config(config, workdir))
-  if latest is not None:
-    state = checkpointer.restore(latest, state)
-    writer.truncate(lambda r: r.get("step", 0) <= latest)  # Drop records written after the checkpoint.
-  else:
-    writer.truncate(lambda r: False)  # A fresh run: nothing of an earlier, unfinished run survives.
-  resumed = latest is not None
-  start_step = int(state.step)
-  earlier = writer.read() if resumed else []
+  # Checkpoints carry the run's records and its config identity; they are verified when restored.
+  checkpointer = open_checkpointer(workdir, config, identity=identity)
+  try:
+    latest = checkpointer.latest_step()
+    if latest is not None and not config.checkpoint.resume:
+      raise ValueError(f"--workdir {workdir} already holds checkpoints (latest step {latest}) and "
+                       "config.checkpoint.resume=False: use a new --workdir.")
+    writer = run_logging.MetricsWriter(workdir, sinks=run_logging.sinks_from_config(config, workdir))
+    found = checkpointer.restore_latest(state)
+    if found is not None:
+      restored_step, state, extra = found
+      records = training_loop.RecordKeeper.resume(writer, extra.get("records"), f"step {restored_step}")
+    else:
+      records = training_loop.RecordKeeper.resume(writer, [], "the start")
+    resumed = found is not None
+    start_step = int(state.step)
+    run = _train_loop(config, objective, data, model, tx, schedule, state, start_step, num_steps, ks,
+                      preprocess_kwargs, rollout_key, augment_key, data_seed, steps_per_epoch, records,
+                      checkpointer, replicated, chunk_sharding, batch_sharding,
+                      saved=found[0] if found is not None else None)
+  finally:
+    checkpointer.close()
 
+  # The results are what the records hold (the checkpoint's records, and this launch's).
+  evals = {(r["step"], r["phase"]): {k: v for k, v in r.items() if k not in ("step", "phase")}
+           for r in records.records if r.get("phase") in ("eval", "eval_train")}
+  if (num_steps, "eval") not in evals:  # Never report an evaluation the run did not make.
+    last = max((s for s, p in evals if p == "eval"), default=None)
+    raise RuntimeError(f"{workdir}: the last held-out evaluation is at step {last}, not the final step "
+                       f"{num_steps}; the records are incomplete. Re-run to resume.")
+  summary = {
+      "task": "classification",
+      "objective": objective.name,
+      "objective_kwargs": dict(objective.kwargs),
+      "num_samples": objective.num_samples if objective.sampled else None,
+      "sampler": objective.sampler if objective.sampled else None,
+      "dataset": data.name,
+      "num_classes": data.num_classes,
+      "num_train_examples": len(data.train),
+      "model": config.model.name + (f"-{config.model.depth}" if config.model.name == "resnet" else ""),
+      "steps": num_steps,
+      "epochs": num_steps / steps_per_epoch,
+      "batch_size": batch_size,
+      "eval": evals[(num_steps, "eval")],
+      "eval_train": evals.get((num_steps, "eval_train")),
+      "initial_eval": evals.get((0, "eval")),
+      "resumed_from_step": start_step if resumed else None,
+      "train_time_s": run["train_time_s"],
+      "total_time_s": time.time() - start_time,
+      "hardware": _hardware(),
+      "config_sha256": workdir_lib.config_digest(config.to_dict()),
+  }
+  run_logging.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  writer.close()
+  curves = plots.plot_run(workdir)
+  _print_table(summary, ks)
+  print(f"Results: {os.path.join(workdir, 'summary.json')}", flush=True)
+  if curves:
+    print("Curves: " + ", ".join(curves), flush=True)
+  return summary
+
+
+def _train_loop(config, objective, data, model, tx, schedule, state, start_step, num_steps, ks, preprocess_kwargs,
+                rollout_key, augment_key, data_seed, steps_per_epoch, records, checkpointer, replicated,
+                chunk_sharding, batch_sharding, saved) -> dict:
+  """Steps start_step+1..num_steps with logging, evaluations and checkpoints; returns {"train_time_s"}.
+
+  Every record goes to `records` (metrics.jsonl and the next checkpoint). A non-finite loss, gradient norm or
+  parameter raises NonFiniteError before anything after it is evaluated or saved.
+  """
+  batch_size = int(config.train.batch_size)
   train_step = make_train_step(model, tx, schedule, objective, rollout_key, augment_key, preprocess_kwargs)
 
   def train_chunk(state, batches):
@@ -428,8 +561,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_sets.append(("eval_train", data.train, data_lib.eval_index_batches(
         len(data.train), config.eval.batch_size, config.eval.num_train_examples, seed=data_seed)))
 
-  def evaluate(state, step) -> dict[str, dict]:
-    results = {}
+  def evaluate(state, step) -> None:
     for phase, split, batches in eval_sets:
       sums = None
       for indices, valid in batches:
@@ -443,17 +575,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "nll": float(sums["nll"]) / count}
       result.update({f"pass@{k}": float(v) / count for k, v in zip(ks, sums["pass_at_k"])})
       result["num_examples"] = int(count)
-      results[phase] = result
-      writer.write({"step": step, "phase": phase, **result})
-    return results
+      records.write({"step": step, "phase": phase, **result})
 
-  def logged_eval(at_step: int) -> dict[str, dict] | None:
-    found = {r["phase"]: {k: v for k, v in r.items() if k not in ("step", "phase")} for r in earlier
-             if r.get("step") == at_step and r.get("phase") in ("eval", "eval_train")}
-    return found if "eval" in found else None
+  def logged(at_step: int) -> bool:
+    return any(r.get("step") == at_step and r.get("phase") == "eval" for r in records.records)
 
-  initial_eval = evaluate(state, 0) if start_step == 0 else logged_eval(0)
-  last_eval = logged_eval(start_step) if start_step >= num_steps else None
+  def check_params(at_step: int) -> None:
+    if not bool(training_loop.params_are_finite({"params": state.params, "batch_stats": state.batch_stats})):
+      raise _diverged(at_step, "a parameter", "not finite", saved)
+
+  if start_step == 0 and not logged(0):
+    evaluate(state, 0)
 
   progress = None
   if config.train.progress_bar:
@@ -463,6 +595,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                           if objective.sampled else ""))
   steps_per_call = int(config.train.steps_per_call)
   pending: list[dict] = []
+  unchecked: list[tuple[int, dict]] = []
   train_time = 0.0
   interval_start, interval_steps = time.time(), 0
   step = start_step
@@ -477,67 +610,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       batches = jax.tree.map(lambda a: a.reshape((chunk, batch_size) + a.shape[1:]), flat)
       state, chunk_metrics = train_chunk(state, jax.device_put(batches, chunk_sharding))
       pending.append(chunk_metrics)
+      unchecked.append((step + 1, chunk_metrics))
       step += chunk
       interval_steps += chunk
       if progress is not None:
         progress.update(chunk)
-      if step % config.train.log_every == 0 or step == num_steps:
+      log_due = step % config.train.log_every == 0 or step == num_steps
+      eval_due = bool(config.eval.every_steps and step % config.eval.every_steps == 0) or step == num_steps
+      checkpoint_due = bool(config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
+                            ) or step == num_steps
+      if log_due or eval_due or checkpoint_due:
+        _check_finite_metrics(unchecked, saved)  # Before anything of these steps is logged as a result.
+        unchecked = []
+      if log_due:
         host = jax.device_get(pending)
         pending = []
         record = {k: float(np.mean(np.concatenate([np.ravel(m[k]) for m in host]))) for k in host[0]}
         elapsed = time.time() - interval_start
         record.update({"step": step, "phase": "train", "epoch": step / steps_per_epoch,
                        "examples_per_s": interval_steps * batch_size / max(elapsed, 1e-9)})
-        writer.write(record)
+        records.write(record)
         if progress is not None:
           progress.set_postfix(pass_rate=f"{record['pass_rate']:.4f}", loss=f"{record['loss']:.3g}")
         interval_start, interval_steps = time.time(), 0
-      do_eval = (config.eval.every_steps and step % config.eval.every_steps == 0) or step == num_steps
-      if do_eval:
+      if eval_due:
         jax.block_until_ready(state)  # Count the pending compute as training time, not evaluation time.
       train_time += time.time() - t0
-      if do_eval:
+      if eval_due or checkpoint_due:
+        check_params(step)
+      if eval_due:
         eval_start = time.time()
-        last_eval = evaluate(state, step)
+        evaluate(state, step)
         interval_start += time.time() - eval_start  # Throughput excludes evaluation.
-      if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0 and step < num_steps:
-        checkpointer.save(step, state)
+      if checkpoint_due:
+        checkpointer.save(step, state, records.records)  # After the evaluation: its records go with it.
+        saved = step
   finally:
     if progress is not None:
       progress.close()
-  if last_eval is None:  # Resumed at the end without a logged final evaluation.
-    last_eval = evaluate(state, step)
-  checkpointer.save(step, state)
-  checkpointer.close()
-
-  summary = {
-      "task": "classification",
-      "objective": objective.name,
-      "objective_kwargs": dict(objective.kwargs),
-      "num_samples": objective.num_samples if objective.sampled else None,
-      "sampler": objective.sampler if objective.sampled else None,
-      "dataset": data.name,
-      "num_classes": data.num_classes,
-      "num_train_examples": len(data.train),
-      "model": config.model.name + (f"-{config.model.depth}" if config.model.name == "resnet" else ""),
-      "steps": num_steps,
-      "epochs": num_steps / steps_per_epoch,
-      "batch_size": batch_size,
-      "eval": last_eval["eval"],
-      "eval_train": last_eval.get("eval_train"),
-      "initial_eval": (initial_eval or {}).get("eval"),
-      "resumed_from_step": start_step if resumed else None,
-      "train_time_s": train_time,
-      "total_time_s": time.time() - start_time,
-      "hardware": _hardware(),
-  }
-  run_logging.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
-  writer.close()
-  plots.plot_run(workdir)
-  _print_table(summary, ks)
-  return summary
+  if not logged(step):  # Resumed at the end without a logged final evaluation.
+    evaluate(state, step)
+    checkpointer.save(step, state, records.records)
+  return {"train_time_s": train_time}
 
 
 __all__ = ["TrainState", "train_and_evaluate", "validate_config", "expected_work", "objective_from_config",
            "make_optimizer", "make_train_step", "make_eval_step", "forward", "softmax_probabilities",
-           "create_train_state", "open_checkpointer", "CHECKPOINT_PHASE"]
+           "create_train_state", "open_checkpointer", "finished_summary", "CHECKPOINT_PHASE"]

@@ -18,17 +18,25 @@ Outputs, as the maze trainer's:
 
     <workdir>/config.json      the config (a resumed run must use the same one)
     <workdir>/metrics.jsonl    {"phase": "sft" | "rl" | "eval", "step", "pass_rate", ...} per logged interval
-    <workdir>/checkpoints/     orbax checkpoints of each phase (params, optimizer state, step)
-    <workdir>/summary.json     {"objective", "eval": {"pass@1", "pass@k", ...}, "initial_eval", ...}
+    <workdir>/checkpoints/     orbax checkpoints of each phase (params, optimizer state, step, and the run's
+                               records so far), verified by digest when restored (maxrl_jax/checkpoints.py)
+    <workdir>/summary.json     {"objective", "eval": {"pass@1", "pass@k", ...}, "initial_eval", ...,
+                               "config_sha256"}
+    <workdir>/tensorboard/     event files of the same records (config.logging); curves_*.png at the end
 
-Re-running on the same workdir resumes from the latest checkpoint. Every step's key is `fold_in(<phase
-key>, step)` and the data order is a function of (config.seed, epoch), so a resumed run draws the same
-prompts and keys as an uninterrupted one.
+Re-running on the same workdir resumes from the newest good checkpoint (a corrupt one is moved aside and the
+previous one used), and metrics.jsonl is rebuilt from that checkpoint's records; a workdir holding a finished
+run of the same config is left untouched. One process at a time holds a workdir. A non-finite loss, gradient
+norm or parameter stops the run (training_loop.NonFiniteError) before it is saved. Every step's key is
+`fold_in(<phase key>, step)` and the data order is a function of (config.seed, epoch), so a resumed run draws
+the same prompts and keys as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import time
 from collections import Counter
@@ -45,11 +53,13 @@ import tqdm
 from maxrl_jax import checkpoints
 from maxrl_jax import estimators
 from maxrl_jax import metrics as metrics_lib
+from maxrl_jax import plots
 from maxrl_jax import run_logging
 from maxrl_jax import sampling
 from maxrl_jax import sharding
 from maxrl_jax import train_steps
 from maxrl_jax import training_loop
+from maxrl_jax import workdir as workdir_lib
 from maxrl_jax.models import decoder
 from maxrl_jax.models import hf_loading
 from maxrl_jax.text import data as data_lib
@@ -432,10 +442,51 @@ def _sft_examples(problems, prompt_tokens, tokenizer, end_id, max_response_token
   return inputs, prompt_lengths
 
 
+def _abstract_state(init_fn, *args, mesh, rules):
+  """(ShapeDtypeStructs with shardings, shardings) of `init_fn(*args)`: a restore target that allocates nothing."""
+  abstract = jax.eval_shape(init_fn, *args)
+  shardings = sharding.tree_shardings(abstract, mesh, rules)
+  like = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                                shardings)
+  return like, shardings
+
+
+def finished_summary(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """The summary of a finished run of exactly this config in `workdir`, else None."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      summary = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None  # Rewritten at the end of the resumed run.
+  if (isinstance(summary, dict) and summary.get("config_sha256") == workdir_lib.config_digest(config.to_dict())
+      and summary.get("rl_steps") == config.rl.steps):
+    return summary
+  return None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) [SFT then] RL on math problems and returns the summary written to summary.json."""
+  """Runs (or resumes) [SFT then] RL on math problems and returns the summary written to summary.json.
+
+  One process at a time per workdir (a second one stops at once, naming the holder). A workdir that holds a
+  finished run of the same config is left untouched: its summary is returned.
+  """
   sharding.initialize_distributed(config.get("mesh"))  # Multi-host: before any JAX computation.
   validate_config(config)
+  workdir = workdir_lib.prepare_workdir(workdir)
+  with workdir_lib.WorkdirLock(workdir, enabled=sharding.is_chief()):
+    finished = finished_summary(config, workdir)
+    if finished is not None:
+      print(f"{workdir} already holds this run, finished ({finished['rl_steps']} RL steps); nothing was "
+            f"changed. Its results: {os.path.join(workdir, 'summary.json')}", flush=True)
+      return finished
+    with contextlib.ExitStack() as cleanup:
+      return _train_and_evaluate(config, workdir, cleanup)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack) -> dict:
   # Prompts split over every device; parameters and optimizer state by config.mesh.param_rules.
   mesh = sharding.make_mesh(config.get("mesh"))
   param_rules = sharding.MeshConfig.from_config(config.get("mesh")).param_rules
@@ -445,9 +496,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batch_sizes["sft.batch_size"] = config.sft.batch_size
   sharding.check_batch_sizes(mesh, batch_sizes)
   batch_sharding = sharding.batch_sharding(mesh)
-  os.makedirs(workdir, exist_ok=True)
   if sharding.is_chief():  # Run files are written once; orbax coordinates the checkpoints itself.
     run_logging.check_or_write_config(workdir, config.to_dict())
+  identity = workdir_lib.config_identity(config.to_dict())
   start_time = time.time()
   bar = functools.partial(tqdm.tqdm, disable=not (config.progress_bar and sharding.is_chief()),
                           dynamic_ncols=True)
@@ -488,11 +539,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   root = jax.random.key(config.seed)
   keys = {i: jax.random.fold_in(root, i) for i in range(3)}
-  writer = sharding.ChiefOnlyWriter(run_logging.MetricsWriter(workdir))
+  writer = sharding.ChiefOnlyWriter(run_logging.MetricsWriter(
+      workdir, sinks=run_logging.sinks_from_config(config, workdir) if sharding.is_chief() else ()))
   verifier = math_verifier.MathVerifier(
       answer_mode=config.verifier.answer_mode, timeout_s=config.verifier.timeout_s,
       num_threads=config.verifier.num_threads, symbolic=config.verifier.symbolic,
       memory_limit_mb=config.verifier.memory_limit_mb)
+  cleanup.callback(verifier.close)  # Its sympy worker processes stop however the run ends.
+  # Checkpoints carry the run's records and its config identity; they are verified when restored.
+  sft_ckpt = checkpoints.PhaseCheckpointer(workdir, "sft", config.keep_checkpoints, identity=identity)
+  cleanup.callback(sft_ckpt.close)
+  rl_ckpt = checkpoints.PhaseCheckpointer(workdir, "rl", config.keep_checkpoints, identity=identity)
+  cleanup.callback(rl_ckpt.close)
   sampler = Sampler(model_fns, tokenizer, verifier, mesh=mesh, params_sharding=params_sharding,
                     stop_tokens=stop_tokens, pad_id=tokenizer.pad_id,
                     prompt_bucket=config.data.prompt_bucket, max_prompt_tokens=config.data.max_prompt_tokens,
@@ -507,59 +565,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     full = last_rl_step[0] in (0, config.rl.steps) if full is None else full
     return evaluate_with(params, **eval_sizes(config, full))
 
-  sft_ckpt = checkpoints.PhaseCheckpointer(workdir, "sft", config.keep_checkpoints)
-  rl_ckpt = checkpoints.PhaseCheckpointer(workdir, "rl", config.keep_checkpoints)
-  rl_resume = rl_ckpt.latest_step()
-
-  # ---------------------------------------------------------------- optional SFT warm-up
-  if config.sft.steps and rl_resume is None:
-    end_id = tokenizer.token_to_id(template.end_of_turn) if template.end_of_turn else None
-    end_id = tokenizer.eos_token_ids[0] if end_id is None else end_id
-    inputs, prompt_lengths = _sft_examples(train_problems, train_tokens, tokenizer, end_id,
-                                           config.sft.max_response_tokens)
-    width = _round_up(max(len(x) for x in inputs), config.data.prompt_bucket)
-    sft_inputs = np.full((len(inputs), width), tokenizer.pad_id, np.int32)
-    sft_mask = np.zeros((len(inputs), width), bool)
-    for row, (sequence, prompt_len) in enumerate(zip(inputs, prompt_lengths)):
-      sft_inputs[row, :len(sequence)] = sequence
-      sft_mask[row, prompt_len:len(sequence)] = True
-    sft_tx = train_steps.adamw(config.sft.learning_rate, config.rl.b1, config.rl.b2, config.rl.weight_decay,
-                               config.rl.grad_clip)
-    state, state_sharding = sharding.init_sharded(
-        lambda p: train_steps.init_state(p, sft_tx), params, mesh=mesh, rules=param_rules)
-    sft_resume = sft_ckpt.latest_step() or 0
-    if sft_resume:
-      state = sft_ckpt.restore(sft_resume, state)
-    writer.truncate(lambda r: r.get("phase") != "sft" or r.get("step", 0) <= sft_resume)
-    sft_step = train_steps.make_sft_step(model_fns, sft_tx, state_sharding=state_sharding,
-                                         batch_sharding=batch_sharding)
-    def sft_batch_step(s, step):
-      rows = np.random.default_rng([config.seed, _KEY_SFT, step]).integers(0, len(inputs), config.sft.batch_size)
-      return sft_step(s, {"inputs": sharding.shard_global_array(sft_inputs[rows], batch_sharding),
-                          "loss_mask": sharding.shard_global_array(sft_mask[rows], batch_sharding)})
-
-    state = training_loop.run_phase(
-        "sft", state, sft_batch_step, start=sft_resume, end=config.sft.steps, writer=writer,
-        save=sft_ckpt.save, log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
-        progress=functools.partial(bar, desc="SFT"))
-    params = state.params
-    del state
-  elif rl_resume is not None:
-    writer.truncate(lambda r: r.get("phase") == "sft"
-                    or (r.get("phase") in ("rl", "eval") and r.get("step", 0) <= rl_resume))
-
-  # ---------------------------------------------------------------- RL
   objective = config.objective
   rl_schedule = optax.join_schedules(
       [optax.linear_schedule(0.0, config.rl.learning_rate, max(config.rl.warmup_steps, 1)),
        optax.constant_schedule(config.rl.learning_rate)], [max(config.rl.warmup_steps, 1)])
   rl_tx = train_steps.adamw(rl_schedule if config.rl.warmup_steps else config.rl.learning_rate,
                             config.rl.b1, config.rl.b2, config.rl.weight_decay, config.rl.grad_clip)
-  state, state_sharding = sharding.init_sharded(
-      lambda p: train_steps.init_state(p, rl_tx), params, mesh=mesh, rules=param_rules)
+  rl_init = lambda p: train_steps.init_state(p, rl_tx)  # noqa: E731
+  rl_like, state_sharding = _abstract_state(rl_init, params, mesh=mesh, rules=param_rules)
+  rl_found = rl_ckpt.restore_latest(rl_like)
+  del rl_like
+  if rl_found is not None:
+    # ---------------------------------------------------------------- RL resumes (SFT, if any, is done)
+    rl_resume, state, extra = rl_found
+    records = training_loop.RecordKeeper.resume(writer, extra.get("records"), f"RL step {rl_resume}")
+  else:
+    rl_resume = None
+    if config.sft.steps:
+      # -------------------------------------------------------------- optional SFT warm-up
+      end_id = tokenizer.token_to_id(template.end_of_turn) if template.end_of_turn else None
+      end_id = tokenizer.eos_token_ids[0] if end_id is None else end_id
+      inputs, prompt_lengths = _sft_examples(train_problems, train_tokens, tokenizer, end_id,
+                                             config.sft.max_response_tokens)
+      width = _round_up(max(len(x) for x in inputs), config.data.prompt_bucket)
+      sft_inputs = np.full((len(inputs), width), tokenizer.pad_id, np.int32)
+      sft_mask = np.zeros((len(inputs), width), bool)
+      for row, (sequence, prompt_len) in enumerate(zip(inputs, prompt_lengths)):
+        sft_inputs[row, :len(sequence)] = sequence
+        sft_mask[row, prompt_len:len(sequence)] = True
+      sft_tx = train_steps.adamw(config.sft.learning_rate, config.rl.b1, config.rl.b2, config.rl.weight_decay,
+                                 config.rl.grad_clip)
+      sft_init = lambda p: train_steps.init_state(p, sft_tx)  # noqa: E731
+      sft_like, sft_sharding = _abstract_state(sft_init, params, mesh=mesh, rules=param_rules)
+      sft_found = sft_ckpt.restore_latest(sft_like)
+      del sft_like
+      sft_resume = 0
+      if sft_found is not None:
+        sft_resume, state, extra = sft_found
+      else:
+        state = jax.jit(sft_init, out_shardings=sft_sharding)(params)
+      records = training_loop.RecordKeeper.resume(
+          writer, extra.get("records") if sft_found else [],
+          f"SFT step {sft_resume}" if sft_resume else "the start")
+      sft_step = train_steps.make_sft_step(model_fns, sft_tx, state_sharding=sft_sharding,
+                                           batch_sharding=batch_sharding)
+
+      def sft_batch_step(s, step):
+        rows = np.random.default_rng([config.seed, _KEY_SFT, step]).integers(0, len(inputs),
+                                                                              config.sft.batch_size)
+        return sft_step(s, {"inputs": sharding.shard_global_array(sft_inputs[rows], batch_sharding),
+                            "loss_mask": sharding.shard_global_array(sft_mask[rows], batch_sharding)})
+
+      state = training_loop.run_phase(
+          "sft", state, sft_batch_step, start=sft_resume, end=config.sft.steps, writer=records,
+          save=lambda step, s: sft_ckpt.save(step, s, records.records), log_every=config.log_every_steps,
+          checkpoint_every=config.checkpoint_every_steps, progress=functools.partial(bar, desc="SFT"))
+      params = state.params
+      del state
+    else:
+      records = training_loop.RecordKeeper.resume(writer, [], "the start")
+    # ---------------------------------------------------------------- RL starts
+    state = jax.jit(rl_init, out_shardings=state_sharding)(params)
   del params
-  if rl_resume is not None:
-    state = rl_ckpt.restore(rl_resume, state)
+
   update = make_policy_update(
       model_fns, rl_tx,
       advantage_fn=estimators.get_advantage_fn(objective.name, **estimators.kwargs_from_config(objective)),
@@ -567,10 +635,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       micro_batch_prompts=config.rl.micro_batch_prompts, micro_batch_rollouts=config.rl.micro_batch_rollouts,
       num_shards=sharding.num_batch_shards(mesh), state_sharding=state_sharding, batch_sharding=batch_sharding)
 
-  evals = {r["step"]: r for r in writer.read() if r.get("phase") == "eval"}
+  evals = {r["step"]: r for r in records.records if r.get("phase") == "eval"}
   if 0 not in evals:
     evals[0] = {"phase": "eval", "step": 0, **run_eval(state.params, full=True)}
-    writer.write(evals[0])
+    records.write(evals[0])
 
   order = _EpochOrder(len(train_problems), config.rollout.num_prompts, config.seed)
   temperature = jnp.float32(config.rollout.temperature)
@@ -612,16 +680,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        zeroed_at_cap=float(np.mean(np.concatenate([h["zeroed_at_cap"].ravel() for h in host]))))
 
   state = training_loop.run_phase(
-      "rl", state, rl_step, start=rl_resume or 0, end=config.rl.steps, writer=writer, save=rl_ckpt.save,
+      "rl", state, rl_step, start=rl_resume or 0, end=config.rl.steps, writer=records,
+      save=lambda step, s: rl_ckpt.save(step, s, records.records),
       log_every=config.log_every_steps, checkpoint_every=config.checkpoint_every_steps,
       progress=functools.partial(bar, desc=f"RL ({objective.name})"), evaluate=run_eval,
       eval_every=config.eval.every_steps, evals=evals, tokens_key="generated_tokens",
       annotate=lambda record, step: record.update(epoch=order.epoch(step)))
-  sft_ckpt.close()
-  rl_ckpt.close()
-  verifier.close()
+  cleanup.close()  # Checkpoints and the verifier's workers are done.
+  del state
 
+  # The results are what the records hold (the checkpoints' records, and this launch's).
+  evals = {r["step"]: r for r in records.records if r.get("phase") == "eval"}
   final_step = max(evals)
+  if final_step != config.rl.steps:  # Never report an evaluation the run did not make.
+    raise RuntimeError(f"{workdir}: the last held-out evaluation is at RL step {final_step}, not "
+                       f"rl.steps={config.rl.steps}; the records are incomplete. Re-run to resume.")
   final = {k: v for k, v in evals[final_step].items() if k not in ("phase", "step")}
   initial = {k: v for k, v in evals[0].items() if k not in ("phase", "step")}
   ks = list(config.eval.ks)
@@ -638,14 +711,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "dropped_long_prompts": dropped,
       "improvement": {f"pass@{k}": final[f"pass@{k}"] - initial[f"pass@{k}"] for k in ks},
       "wall_time_s_this_launch": time.time() - start_time,
+      "config_sha256": workdir_lib.config_digest(config.to_dict()),
   }
   if not sharding.is_chief():
     return summary
   run_logging.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  curves = plots.plot_run(workdir)
   rows = [{"policy": "initial" + (" (after SFT)" if config.sft.steps else ""), **initial},
           {"policy": f"after RL ({objective.name}, {final_step} steps)", **final}]
   print(run_logging.format_table(
       rows, ["policy"] + [f"pass@{k}" for k in ks] + [f"maj@{config.eval.num_samples}", "fraction_solved"],
       title=f"Held-out problems ({len(eval_problems)} problems, {config.eval.num_samples} samples each, "
             f"temperature {config.eval.temperature}, top-p {config.eval.top_p})"))
+  print(f"Results: {os.path.join(workdir, 'summary.json')}", flush=True)
+  if curves:
+    print("Curves: " + ", ".join(curves), flush=True)
   return summary
