@@ -58,6 +58,7 @@ __all__ = [
     "pkpo_advantages",
     "grouped_advantages",
     "apply_differential_smoothing",
+    "check_rewards",
     "apply_self_filter",
     "get_advantage_fn",
     "ADVANTAGE_ESTIMATORS",
@@ -96,10 +97,11 @@ def _dr_grpo_rule(r, K, N, Q):
   return r - K / N
 
 
-def _grpo_rule(r, K, N, Q, *, eps: float = 1e-6):
+def _grpo_rule(r, K, N, Q, *, eps: float = 1e-6, population_std: bool = False):
   mean = K / N
   # Unbiased (Bessel) group variance from sums; for binary rewards Q = K and this is K (N - K) / (N (N-1)).
-  var = jnp.maximum(Q - K * mean, 0.0) / (N - 1)
+  # population_std divides by N instead (the official Differential Smoothing's GRPO part).
+  var = jnp.maximum(Q - K * mean, 0.0) / (N if population_std else N - 1)
   return (r - mean) / (jnp.sqrt(var) + eps)
 
 
@@ -125,8 +127,10 @@ def _ratio_products(top, N, num_factors: int):
   return jnp.cumprod(factors, axis=-1)
 
 
-def _maclaurin_rule(r, K, N, Q, *, order: int):
-  del Q
+def _maclaurin_rule(r, K, N, Q, *, order: int, cap_order_at_n: bool = False):
+  # Terms k > N vanish (C(F-1, k-1) = 0 for k > F), so an order above N is the order-N rule: capping needs
+  # nothing here, only the check that refuses it by default (`_check_group_size`).
+  del Q, cap_order_at_n
   if order == 1:
     return r
   F = N - K
@@ -143,9 +147,16 @@ def _comb_ratio(top, N, j: int):
   return _ratio_products(top, N * jnp.ones_like(top), j)[..., -1]
 
 
-def _pkpo_rule(r, K, N, Q, *, k: int, baseline: bool = True):
+def _pkpo_rule(r, K, N, Q, *, k: int, baseline: bool = True, form: str = "unbiased"):
   del Q
   F = N - K
+  if form == "official":
+    # s_i = r_i C(F, k-1)/C(N-1, k-1) (no factor k), A_i = s_i - mean_{j != i} s_j. The baseline uses the
+    # other rollouts' s_j, which depend on r_i through F, so it is biased for k > 1.
+    c = _comb_ratio(F, N, k - 1)
+    if not baseline:
+      return r * c
+    return jnp.where(r > 0.5, c * F / (N - 1), -c * K / (N - 1))
   if not baseline:
     # A_i = k r_i C(F, k-1) / C(N-1, k-1): for a success the other N-1 rollouts hold all F failures, and
     # C(F, k-1) / C(N-1, k-1) is the unbiased estimate of (1-p)^(k-1) from them.
@@ -180,12 +191,15 @@ ADVANTAGE_ESTIMATORS: dict[str, EstimatorSpec] = {
     "reinforce": EstimatorSpec(_reinforce_rule, False, 1, {}, "grad J_1 = grad E[p]"),
     "rloo": EstimatorSpec(_rloo_rule, False, 2, {}, "grad J_1 = grad E[p]"),
     "dr_grpo": EstimatorSpec(_dr_grpo_rule, False, 2, {}, "(N-1)/N grad J_1"),
-    "grpo": EstimatorSpec(_grpo_rule, False, 2, {"eps": 1e-6}, "no J_T; w ~ 1/sqrt(p(1-p))"),
+    "grpo": EstimatorSpec(_grpo_rule, False, 2, {"eps": 1e-6, "population_std": False},
+                          "no J_T; w ~ 1/sqrt(p(1-p))"),
     "maxrl": EstimatorSpec(
         _maxrl_rule, True, 2, {"zero_failed_groups": True},
         "grad J_{N-1} (grad J_N with zero_failed_groups=False)"),
-    "maclaurin": EstimatorSpec(_maclaurin_rule, True, 1, {"order": None}, "grad J_T, T = order"),
-    "pkpo": EstimatorSpec(_pkpo_rule, True, 1, {"k": None, "baseline": True}, "grad pass@k"),
+    "maclaurin": EstimatorSpec(_maclaurin_rule, True, 1, {"order": None, "cap_order_at_n": False},
+                               "grad J_T, T = order (T = min(order, N) with cap_order_at_n)"),
+    "pkpo": EstimatorSpec(_pkpo_rule, True, 1, {"k": None, "baseline": True, "form": "unbiased"},
+                          "grad pass@k (form='official': biased, see pkpo_advantages)"),
 }
 
 
@@ -210,6 +224,8 @@ def _check_kwargs(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
       full[key] = int(value)
   if "eps" in full and not full["eps"] >= 0:
     raise ValueError(f"Estimator {name!r}: eps={full['eps']!r} must be >= 0.")
+  if "form" in full and full["form"] not in ("unbiased", "official"):
+    raise ValueError(f"Estimator {name!r}: form={full['form']!r}; allowed: 'unbiased', 'official'.")
   return full
 
 
@@ -220,6 +236,8 @@ def _check_group_size(name: str, group_size: int, kwargs: Mapping[str, Any]) -> 
         f"Estimator {name!r} needs at least {spec.min_group_size} rollouts per prompt, got N = "
         f"{group_size}" + (" (with N = 1 the MaxRL advantage is identically 0)." if name == "maxrl" else "."))
   for key, what in (("order", "the Maclaurin order T"), ("k", "pass@k's k")):
+    if key == "order" and kwargs.get("cap_order_at_n"):
+      continue  # The official behaviour: an order above N means N.
     if key in kwargs and kwargs[key] > group_size:
       raise ValueError(
           f"Estimator {name!r}: {what} = {kwargs[key]} exceeds the group size N = {group_size}; an "
@@ -227,15 +245,51 @@ def _check_group_size(name: str, group_size: int, kwargs: Mapping[str, Any]) -> 
 
 
 def _check_binary(name: str, rewards: Array) -> None:
-  if not ADVANTAGE_ESTIMATORS[name].binary_rewards or isinstance(rewards, jax.core.Tracer):
+  """Eager value checks of rewards: finite for every rule, 0/1 for the binary ones.
+
+  Skipped when the rewards are traced (under jit there are no values to look at without a host sync); use
+  `check_rewards` inside a `jax.experimental.checkify.checkify`-wrapped function for the same checks there.
+  """
+  if isinstance(rewards, jax.core.Tracer):
     return
   values = np.asarray(jax.device_get(rewards), dtype=np.float64)
+  if not np.all(np.isfinite(values)):
+    bad = values[~np.isfinite(values)]
+    raise ValueError(
+        f"Estimator {name!r} got non-finite rewards (e.g. {bad[:3].tolist()}); the advantages of their "
+        "groups would be NaN. Fix the verifier or reward function so every reward is a finite number.")
+  if not ADVANTAGE_ESTIMATORS[name].binary_rewards:
+    return
   if not np.all((values == 0.0) | (values == 1.0)):
     bad = values[(values != 0.0) & (values != 1.0)]
     raise ValueError(
         f"Estimator {name!r} needs binary rewards in {{0, 1}}, got values such as {bad[:3].tolist()}. "
         "Threshold or rescale the verifier's output; with non-binary rewards the group success rate "
         "can be ~0 or negative and the advantage explodes or flips sign.")
+
+
+def check_rewards(name: str, rewards: Array) -> None:
+  """The reward checks of the estimators, for use under jit through `jax.experimental.checkify`.
+
+  The estimators check values eagerly, and skip the value checks when traced (no host sync inside jit). To
+  keep them under jit, call this inside the function and wrap it:
+
+      def step(rewards):
+        estimators.check_rewards("maxrl", rewards)
+        return estimators.maxrl_advantages(rewards)
+      err, adv = checkify.checkify(jax.jit(step))(rewards)
+      err.throw()   # ValueError-like JaxRuntimeError naming the failed check
+
+  Checks: every reward finite; for the binary rules (maxrl, maclaurin, pkpo) every reward 0 or 1.
+  """
+  from jax.experimental import checkify  # pylint: disable=import-outside-toplevel
+
+  if name not in ADVANTAGE_ESTIMATORS:
+    raise ValueError(f"Unknown advantage estimator {name!r}. Allowed: {sorted(ADVANTAGE_ESTIMATORS)}.")
+  r = jnp.asarray(rewards)
+  checkify.check(jnp.all(jnp.isfinite(r)), f"Estimator {name!r} got non-finite rewards.")
+  if ADVANTAGE_ESTIMATORS[name].binary_rewards:
+    checkify.check(jnp.all((r == 0) | (r == 1)), f"Estimator {name!r} needs binary rewards (0 or 1).")
 
 
 def _dense(name: str, rewards: Array, **kwargs) -> Array:
@@ -348,7 +402,7 @@ def maclaurin_advantages(rewards: Array, order: int) -> Array:
   return _dense("maclaurin", rewards, order=order)
 
 
-def pkpo_advantages(rewards: Array, k: int, baseline: bool = True) -> Array:
+def pkpo_advantages(rewards: Array, k: int, baseline: bool = True, form: str = "unbiased") -> Array:
   """Pass@k policy optimisation: unbiased for grad pass@k = k (1-p)^(k-1) grad p.
 
   Without baseline: A_i = k r_i C(F, k-1) / C(N-1, k-1), the success's score times an unbiased estimate of
@@ -357,15 +411,22 @@ def pkpo_advantages(rewards: Array, k: int, baseline: bool = True) -> Array:
   baseline are independent of rollout i, so the expectation is unchanged and k = 1 reduces to RLOO. (A
   leave-one-out baseline built from the other rollouts' *advantages* depends on r_i and is biased for k > 1.)
 
+  form="official" is the authors' code instead: s_i = r_i C(F, k-1)/C(N-1, k-1) with no factor k, and
+  A_i = s_i - mean_{j != i} s_j (successes F C(F,k-1)/((N-1) C(N-1,k-1)), failures -K C(F,k-1)/((N-1)
+  C(N-1,k-1))). Its baseline is built from the other rollouts' s_j, which depend on r_i, so it is biased
+  for k > 1: at N = 4, k = 2 its exact population weight is 0.993, 0.967, 0.867, 0.667, 0.400 at p = 0.01,
+  0.05, 0.2, 0.5, 0.9, where (1/k) grad pass@k has (1-p) = 0.99, 0.95, 0.8, 0.5, 0.1.
+
   Args:
     rewards: [..., N] binary rewards.
     k: 1 <= k <= N (static).
     baseline: whether to subtract the leave-one-out baseline.
+    form: "unbiased" (ours, above) or "official".
 
   Returns:
-    [..., N] advantages with E[(1/N) sum_i A_i S_i] = k (1-p)^(k-1) grad p.
+    [..., N] advantages; with form="unbiased", E[(1/N) sum_i A_i S_i] = k (1-p)^(k-1) grad p.
   """
-  return _dense("pkpo", rewards, k=k, baseline=baseline)
+  return _dense("pkpo", rewards, k=k, baseline=baseline, form=form)
 
 
 def grouped_advantages(name: str, rewards: Array, group_ids: Array, num_groups: int, **kwargs) -> Array:
@@ -464,7 +525,17 @@ def kwargs_from_config(objective: Mapping[str, Any]) -> dict[str, Any]:
   if allowed is None:
     raise ValueError(f"config.objective.name={objective['name']!r} is not an estimator; allowed: "
                      f"{sorted(ADVANTAGE_ESTIMATORS)}.")
-  return {k: objective[k] for k in allowed.kwargs if k in objective and objective[k] is not None}
+  kwargs = {k: objective[k] for k in allowed.kwargs if k in objective and objective[k] is not None}
+  get = objective.get if hasattr(objective, "get") else (lambda key, default=None: default)
+  # Config fields whose names differ from the rule's arguments (older configs may lack them).
+  if objective["name"] == "pkpo" and get("pkpo_form", None) is not None:
+    kwargs["form"] = get("pkpo_form")
+  if objective["name"] == "grpo" and get("smoothing_gamma", 0.0) and get("smoothing_std", "bessel") != "bessel":
+    if get("smoothing_std") != "population":
+      raise ValueError(f"config.objective.smoothing_std={get('smoothing_std')!r}; allowed: 'bessel', "
+                       "'population'.")
+    kwargs["population_std"] = True  # The official Differential Smoothing: GRPO with the population std.
+  return kwargs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -570,9 +641,10 @@ def expected_weight(name_or_fn: str | AdvantageFn, num_samples: int, p: Array | 
       raise ValueError("expected_weight: keyword arguments are only for registered names; bind them "
                        "into your function (functools.partial) instead.")
     fn = name_or_fn
+  if isinstance(num_samples, bool) or not float(num_samples).is_integer() or num_samples < 1:
+    raise ValueError(f"expected_weight: num_samples={num_samples!r} must be an integer >= 1 (the group "
+                     "size N); it is not rounded.")
   N = int(num_samples)
-  if N < 1:
-    raise ValueError(f"expected_weight: num_samples={num_samples!r} must be >= 1.")
   p_arr = np.asarray(p, dtype=np.float64)
   flat_p = p_arr.reshape(-1)
   if np.any((flat_p <= 0) | (flat_p >= 1)):

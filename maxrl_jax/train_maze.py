@@ -257,8 +257,8 @@ def evaluate(eval_fn, params, grids: jax.Array, chunk: int, key: jax.Array, num_
     result[f"pass@{k}_se"] = float(se[i])
   # The official code's log metric: the best of k samples drawn WITH replacement from the n (a bootstrap);
   # this is its exact expectation, 1 - (1 - c/n)^k, which is below the unbiased pass@k (docs/fidelity.md).
-  fail_rate = 1.0 - np.asarray(counts, np.float64) / num_samples
-  for k in ks:
+  fail_rate = 1.0 - np.asarray(counts, np.float64) / num_samples  # metrics.best_at_k_with_replacement, in
+  for k in ks:                                                     # float64 on the host.
     result[f"best@{k}_bootstrap"] = float(np.mean(1.0 - fail_rate ** k))
   result["pass_rate"] = float(jnp.mean(counts) / num_samples)
   result["fraction_solved"] = float(jnp.mean(counts > 0))

@@ -3,16 +3,18 @@
 # GRPO and RLOO, 2000 RL steps at 9x9, one SFT policy per seed, 512 held-out mazes x 32 samples every 250
 # steps). The seeds run side by side, one process each holding a share of the card (the policy is small and
 # a single run leaves most of an H100/H200 idle); a last call aggregates the finished runs into
-# results.{json,md} and the plots. Budget on one H200, from a 2000-step run of the default preset taking
-# about 50 s per run with three processes side by side: 3 objectives one after the other per process,
-# plus SFT and evaluation, about 5-8 minutes in all.
+# results.{json,md} and the plots. Budget on one H200: three default-preset runs of 2000 RL steps side by side
+# took 148 s in all (measured); here each process runs three such runs one after another, plus its SFT and
+# larger evaluations: an estimated 8-10 minutes, not yet measured. Finished runs are skipped on a rerun, so a
+# call cut short by its time limit continues where it stopped when given the same OUT_DIR again.
 #
 #   bash scripts/gpu_objectives.sh [OUT_DIR]                 # OUT_DIR defaults to $OUT, else workdirs/gpu_objectives
 #   WHEELS=dir bash scripts/gpu_objectives.sh OUT            # first installs the wheels in dir (--no-deps) under
 #                                                            # /tmp/site, for an image without ml_collections/tfds
 #   PRESET=long_tiny SEEDS="0 1" bash scripts/gpu_objectives.sh /tmp/o   # a dry run at toy size, any machine
 #
-# Writes into OUT_DIR: results.md, results.json, pass_at_k.png, curves.png, log.txt and objectives.tar.gz
+# Writes into OUT_DIR: results.md, results.json, pass_at_k.png, training_curves.png, heldout_curves.png, log.txt
+# and objectives.tar.gz
 # (every run's config, metrics.jsonl and summary.json, without checkpoints). Exit status: the first failure's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +50,7 @@ python3 -m experiments.maze_objectives --config="configs/maze_objectives.py:$pre
   --config.seeds="$seed_tuple" >>"$out/log.txt" 2>&1 || { rc=$?; [ "$status" -eq 0 ] && status=$rc; }
 echo "aggregated after $(( $(date +%s) - start )) s (status $status)" | tee -a "$out/log.txt"
 for seed in $seeds; do tail -n 20 "$out/seed$seed.log" >>"$out/log.txt"; rm -f "$out/seed$seed.log"; done
-for name in results.md results.json pass_at_k.png training_curves.png; do
+for name in results.md results.json pass_at_k.png training_curves.png heldout_curves.png; do
   [ -f "$work/$name" ] && cp "$work/$name" "$out/"
 done
 (cd "$work" && find . -name checkpoints -prune -o -name tfds -prune -o -name .jax_cache -prune -o \

@@ -123,6 +123,23 @@ def min_response_length(size: int) -> int:
     return max_path_length(size) + 2
 
 
+def _check_token_ids(responses, name: str = "responses") -> None:
+    """Eager check that token ids are integers that fit int32 (skipped when traced).
+
+    The verifier compares int32 ids; a wider id (e.g. int64 13 + 2**32) would wrap to a valid action when JAX
+    converts it, so it is refused here instead. Ids in int32 range outside the vocabulary are simply invalid
+    tokens (reward 0 where they come before DONE).
+    """
+    if isinstance(responses, jax.core.Tracer):
+        return
+    values = np.asarray(responses)
+    if not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {values.dtype}.")
+    if values.size and (values.min() < np.iinfo(np.int32).min or values.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{name} holds token ids outside the int32 range (e.g. {int(values.max())}); token ids "
+                         f"are in [0, {VOCAB_SIZE}).")
+
+
 def _check_grids(grids: jax.Array, rank: int, name: str = "grids") -> int:
     """Checks a grid array's rank and square odd side; returns the side S."""
     if grids.ndim != rank:
@@ -581,6 +598,8 @@ def verify(grid: jax.Array, response: jax.Array) -> jax.Array:
     size = _check_grids(grid, 2, "grid")
     if response.ndim != 1:
         raise ValueError(f"response must have shape [R], got {response.shape}; use verify_batch/verify_groups.")
+    _check_token_ids(response, "response")
+    grid = jnp.asarray(grid)
     goal = size - 2
     is_wall = grid != 0
     row_step = jnp.asarray(_ROW_STEP, jnp.int32)
@@ -615,6 +634,7 @@ def verify_batch(grids: jax.Array, responses: jax.Array) -> jax.Array:
     _check_grids(grids, 3)
     if responses.ndim != 2 or responses.shape[0] != grids.shape[0]:
         raise ValueError(f"responses must be [B, R] with B = {grids.shape[0]}, got {responses.shape}.")
+    _check_token_ids(responses)
     return jax.vmap(verify)(grids, responses)
 
 
@@ -623,6 +643,7 @@ def verify_groups(grids: jax.Array, responses: jax.Array) -> jax.Array:
     _check_grids(grids, 3)
     if responses.ndim != 3 or responses.shape[0] != grids.shape[0]:
         raise ValueError(f"responses must be [P, N, R] with P = {grids.shape[0]}, got {responses.shape}.")
+    _check_token_ids(responses)
     return jax.vmap(lambda grid, group: jax.vmap(lambda response: verify(grid, response))(group))(grids, responses)
 
 
