@@ -81,6 +81,11 @@ def _base() -> ml_collections.ConfigDict:
   config.objective.kwargs.eps = config_dict.placeholder(float)  # grpo: std epsilon
   config.objective.kwargs.zero_failed_groups = config_dict.placeholder(bool)  # maxrl
   config.objective.kwargs.baseline = config_dict.placeholder(bool)  # pkpo
+  # The official code's forms (ours are the defaults; see maxrl_jax.estimators): pkpo form "official";
+  # maclaurin cap_order_at_n=True (an order above N means N); grpo population_std=True (std over N, not N-1).
+  config.objective.kwargs.form = config_dict.placeholder(str)  # pkpo: "unbiased" | "official"
+  config.objective.kwargs.cap_order_at_n = config_dict.placeholder(bool)  # maclaurin
+  config.objective.kwargs.population_std = config_dict.placeholder(bool)  # grpo
 
   # Rollouts: N classes drawn per input from the softmax (ignored by cross_entropy).
   config.rollout = ml_collections.ConfigDict()

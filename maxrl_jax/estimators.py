@@ -23,6 +23,15 @@ the truncated Maclaurin series J_T = -sum_{k=1..T} (1-p)^k / k (Tajwar et al., 2
 | maclaurin T | 1 for successes, -sum_{k=2..min(T,F)} C(F-1,k-1)/C(N-1,k-1) for failures | grad J_T |
 | pkpo k      | k r_i C(F, k-1) / C(N-1, k-1) (+ leave-one-out baseline)  | grad pass@k               |
 
+The authors' code (a verl fork) differs in three places; each form is selectable, ours stays the default:
+
+  pkpo, form="official": A_i = s_i - mean_{j != i} s_j with s_i = r_i C(F,k-1)/C(N-1,k-1) and no factor k.
+    The baseline depends on r_i (through F), so it is biased for k > 1.
+  maclaurin, cap_order_at_n=True: an order T > N means T = N (ours raises); unbiased for grad J_N then.
+  grpo, population_std=True: the group variance divided by N, not N - 1 (Differential Smoothing's GRPO part).
+
+(The official Maclaurin advantages are ours divided by N; with Adam only the loss scale differs.)
+
 Conventions. Dense functions take rewards `[..., N]` with the group on the last axis and any leading axes,
 and return advantages of the same shape in float32 (float64 for float64 input). Group statistics come from
 sums of the rewards (integer counts for binary rewards), never from a floating std of 0/1 values. The grouped
@@ -30,9 +39,12 @@ form (`grouped_advantages`) takes flat rewards `[R]` with integer `group_ids [R]
 rollouts and gives the same numbers.
 
 Validation. Static properties (the group size N, the order T, k) are checked when the function is traced, so
-they raise a ValueError under `jax.jit` too. Reward *values* (binary for the MaxRL, Maclaurin and PKPO
-families) are checked only when the rewards are concrete arrays; under `jax.jit` they are tracers and are
-not checked, and non-binary rewards then give meaningless advantages (mu can be ~0 or negative).
+they raise a ValueError under `jax.jit` too. Reward *values* are checked when the rewards are concrete arrays
+(eager calls): every rule raises a ValueError on NaN or inf rewards, and the MaxRL, Maclaurin and PKPO
+families also on rewards other than 0 and 1. Under `jax.jit` the rewards are tracers and these value checks
+are skipped (checking them would need a host sync): non-finite rewards then give NaN advantages and
+non-binary ones meaningless advantages (mu can be ~0 or negative). To keep the checks inside jit, call
+`check_rewards(name, rewards)` in the jitted function and wrap it with `jax.experimental.checkify.checkify`.
 """
 
 from __future__ import annotations
@@ -150,22 +162,26 @@ def _comb_ratio(top, N, j: int):
 def _pkpo_rule(r, K, N, Q, *, k: int, baseline: bool = True, form: str = "unbiased"):
   del Q
   F = N - K
+  # A group of one rollout has no other rollouts to build a leave-one-out baseline from: it gets none (the
+  # official code does the same), and the divisions by N - 1 below are guarded.
+  has_others = N > 1
+  others = jnp.maximum(N - 1.0, 1.0)
   if form == "official":
     # s_i = r_i C(F, k-1)/C(N-1, k-1) (no factor k), A_i = s_i - mean_{j != i} s_j. The baseline uses the
     # other rollouts' s_j, which depend on r_i through F, so it is biased for k > 1.
     c = _comb_ratio(F, N, k - 1)
     if not baseline:
       return r * c
-    return jnp.where(r > 0.5, c * F / (N - 1), -c * K / (N - 1))
+    return jnp.where(has_others, jnp.where(r > 0.5, c * F / others, -c * K / others), r * c)
   if not baseline:
     # A_i = k r_i C(F, k-1) / C(N-1, k-1): for a success the other N-1 rollouts hold all F failures, and
     # C(F, k-1) / C(N-1, k-1) is the unbiased estimate of (1-p)^(k-1) from them.
     return k * r * _comb_ratio(F, N, k - 1)
   # A_i = k g_i (r_i - b_i), with g_i = C(F_{-i}, k-1)/C(N-1, k-1) and b_i = K_{-i}/(N-1) both computed from
   # the other N-1 rollouts only, so E[g_i b_i S_i] = 0 and the expectation is unchanged; k = 1 gives RLOO.
-  success_adv = k * _comb_ratio(F, N, k - 1) * F / (N - 1)
-  failure_adv = -k * _comb_ratio(F - 1.0, N, k - 1) * K / (N - 1)
-  return jnp.where(r > 0.5, success_adv, failure_adv)
+  success_adv = k * _comb_ratio(F, N, k - 1) * F / others
+  failure_adv = -k * _comb_ratio(F - 1.0, N, k - 1) * K / others
+  return jnp.where(has_others, jnp.where(r > 0.5, success_adv, failure_adv), k * r * _comb_ratio(F, N, k - 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +242,11 @@ def _check_kwargs(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     raise ValueError(f"Estimator {name!r}: eps={full['eps']!r} must be >= 0.")
   if "form" in full and full["form"] not in ("unbiased", "official"):
     raise ValueError(f"Estimator {name!r}: form={full['form']!r}; allowed: 'unbiased', 'official'.")
+  for key in ("zero_failed_groups", "baseline", "cap_order_at_n", "population_std"):
+    if key in full and not isinstance(full[key], (bool, np.bool_)):
+      raise ValueError(f"Estimator {name!r}: {key}={full[key]!r} must be True or False.")
+    if key in full:
+      full[key] = bool(full[key])
   return full
 
 
@@ -241,7 +262,9 @@ def _check_group_size(name: str, group_size: int, kwargs: Mapping[str, Any]) -> 
     if key in kwargs and kwargs[key] > group_size:
       raise ValueError(
           f"Estimator {name!r}: {what} = {kwargs[key]} exceeds the group size N = {group_size}; an "
-          f"unbiased estimate needs {key} <= N. Use more rollouts per prompt or a smaller {key}.")
+          f"unbiased estimate needs {key} <= N. Use more rollouts per prompt or a smaller {key}"
+          + (", or cap_order_at_n=True to use order N (the official code's behaviour)." if key == "order"
+             else "."))
 
 
 def _check_binary(name: str, rewards: Array) -> None:
@@ -343,21 +366,25 @@ def dr_grpo_advantages(rewards: Array) -> Array:
   return _dense("dr_grpo", rewards)
 
 
-def grpo_advantages(rewards: Array, eps: float = 1e-6) -> Array:
+def grpo_advantages(rewards: Array, eps: float = 1e-6, population_std: bool = False) -> Array:
   """GRPO: A_i = (r_i - mu) / (std + eps), std the Bessel-corrected group standard deviation.
 
-  The std comes from group sums (K (N-K) / (N (N-1)) for binary rewards), so groups with K = 0 or K = N get
-  advantage exactly 0 and no NaN/inf.
+  The std comes from group sums (variance K (N-K) / (N (N-1)) for binary rewards), so groups with K = 0 or
+  K = N get advantage exactly 0 and no NaN/inf.
 
   Args:
-    rewards: [..., N] rewards (any real values), N >= 2.
+    rewards: [..., N] finite rewards (any real values), N >= 2; NaN/inf raise a ValueError in eager calls
+      (under jit see `check_rewards`).
     eps: added to the std.
+    population_std: divide the group variance by N instead of N - 1 (variance K (N-K) / N^2 for binary
+      rewards), as the official Differential Smoothing's GRPO part does. The advantages then grow by the
+      factor sqrt(N/(N-1)) (up to eps): 1.41 at N = 2, 1.004 at N = 128. Neither form is unbiased for a J_T.
 
   Returns:
     [..., N] advantages. Unbiased for none of the J_T: for large N the implied weight approaches
     1/sqrt(p(1-p)), which grows again as p -> 1 (it up-weights very easy prompts).
   """
-  return _dense("grpo", rewards, eps=eps)
+  return _dense("grpo", rewards, eps=eps, population_std=population_std)
 
 
 def maxrl_advantages(rewards: Array, zero_failed_groups: bool = True) -> Array:
@@ -367,7 +394,8 @@ def maxrl_advantages(rewards: Array, zero_failed_groups: bool = True) -> Array:
   successful rollouts, with the group-mean score as a control variate.
 
   Args:
-    rewards: [..., N] binary rewards, N >= 2.
+    rewards: [..., N] binary rewards, N >= 2 (checked eagerly, a ValueError otherwise; under jit see
+      `check_rewards`).
     zero_failed_groups: if True (the paper's rule) groups without a success get advantage 0. Dropping the
       control variate there removes E[(1/N) sum_i S_i 1{K=0}] = -(1-p)^(N-1) grad p, so the estimator is
       unbiased for grad J_{N-1} (not J_N as the paper states). If False every rollout of a failed group
@@ -379,7 +407,7 @@ def maxrl_advantages(rewards: Array, zero_failed_groups: bool = True) -> Array:
   return _dense("maxrl", rewards, zero_failed_groups=zero_failed_groups)
 
 
-def maclaurin_advantages(rewards: Array, order: int) -> Array:
+def maclaurin_advantages(rewards: Array, order: int, cap_order_at_n: bool = False) -> Array:
   """Unbiased estimator of the order-T MaxRL gradient, grad J_T = sum_{k=1..T} (1/k) grad pass@k.
 
   Averaging the subset estimator of grad pass@k over all size-k subsets of the group gives a success the
@@ -390,16 +418,24 @@ def maclaurin_advantages(rewards: Array, order: int) -> Array:
       A_i = -sum_{k=2..min(T,F)} C(F-1, k-1) / C(N-1, k-1)  if r_i = 0.
 
   T = 1 is REINFORCE. Ratios are accumulated as products of factors in [0, 1], stable for N in the
-  thousands.
+  thousands. Only T <= N is estimable from N rollouts: every term with k > N vanishes (C(F-1, k-1) = 0), so
+  an order above N would silently be order N, and it raises a ValueError unless cap_order_at_n is set.
+
+  The official code's advantages are these divided by N (its success weight is 1/N); the directions agree
+  and under Adam only the loss scale differs.
 
   Args:
-    rewards: [..., N] binary rewards.
+    rewards: [..., N] binary rewards (checked eagerly, a ValueError otherwise; under jit see
+      `check_rewards`).
     order: T, an integer with 1 <= T <= N (static).
+    cap_order_at_n: accept T > N and use T = min(T, N), as the official code does silently (its 17x17
+      maze script sets T = 64).
 
   Returns:
-    [..., N] advantages with E[(1/N) sum_i A_i S_i] = grad J_T = (1 - (1-p)^T)/p grad p.
+    [..., N] advantages with E[(1/N) sum_i A_i S_i] = grad J_T = (1 - (1-p)^T)/p grad p, with T = min(order,
+    N) when capped.
   """
-  return _dense("maclaurin", rewards, order=order)
+  return _dense("maclaurin", rewards, order=order, cap_order_at_n=cap_order_at_n)
 
 
 def pkpo_advantages(rewards: Array, k: int, baseline: bool = True, form: str = "unbiased") -> Array:
@@ -417,14 +453,18 @@ def pkpo_advantages(rewards: Array, k: int, baseline: bool = True, form: str = "
   for k > 1: at N = 4, k = 2 its exact population weight is 0.993, 0.967, 0.867, 0.667, 0.400 at p = 0.01,
   0.05, 0.2, 0.5, 0.9, where (1/k) grad pass@k has (1-p) = 0.99, 0.95, 0.8, 0.5, 0.1.
 
+  With N = 1 there are no other rollouts and no baseline: A = r for k = 1, in both forms.
+
   Args:
-    rewards: [..., N] binary rewards.
+    rewards: [..., N] binary rewards (checked eagerly, a ValueError otherwise; under jit see
+      `check_rewards`).
     k: 1 <= k <= N (static).
     baseline: whether to subtract the leave-one-out baseline.
     form: "unbiased" (ours, above) or "official".
 
   Returns:
-    [..., N] advantages; with form="unbiased", E[(1/N) sum_i A_i S_i] = k (1-p)^(k-1) grad p.
+    [..., N] advantages; with form="unbiased", E[(1/N) sum_i A_i S_i] = k (1-p)^(k-1) grad p; with
+    form="official", E = w(p) grad p with w(p) != (1-p)^(k-1) for k > 1 (exact values: `expected_weight`).
   """
   return _dense("pkpo", rewards, k=k, baseline=baseline, form=form)
 
@@ -473,6 +513,11 @@ def apply_differential_smoothing(advantages: Array, rewards: Array, mean_logprob
   where lbar_i is the mean token log-prob of rollout i under the sampling policy (<= 0). With GRPO's
   advantages this is the baseline as the paper runs it (gamma = 0.05). Not an unbiased estimator of any J_T.
 
+  The group std belongs to the advantages passed in. The official code's GRPO part divides by the
+  population std (variance over N): pass `grpo_advantages(rewards, population_std=True)`, or set
+  `objective.smoothing_std = "population"` in a config (see `kwargs_from_config`); the default GRPO std is
+  Bessel's (variance over N - 1), whose advantages are smaller by the factor sqrt((N-1)/N).
+
   Args:
     advantages: [..., N]. rewards: [..., N] binary. mean_logprobs: [..., N] lbar_i.
     gamma: smoothing strength (>= 0).
@@ -500,9 +545,11 @@ def apply_self_filter(advantages: Array, greedy_correct: Array) -> Array:
 def get_advantage_fn(name: str, **kwargs) -> AdvantageFn:
   """Returns `rewards [..., N] -> advantages [..., N]` for a registered estimator name.
 
-  Names: reinforce, rloo, dr_grpo, grpo (eps), maxrl (zero_failed_groups), maclaurin (order), pkpo (k,
-  baseline). Unknown names or arguments raise a ValueError at once; constraints that need N (T <= N,
-  k <= N, N >= 2 for the MaxRL family) raise when the function is first called or traced.
+  Names: reinforce, rloo, dr_grpo, grpo (eps, population_std), maxrl (zero_failed_groups), maclaurin (order,
+  cap_order_at_n), pkpo (k, baseline, form). Unknown names or arguments raise a ValueError at once;
+  constraints that need N (T <= N unless cap_order_at_n, k <= N, N >= 2 for the MaxRL family) raise when the
+  function is first called or traced. Reward values are checked in eager calls only (see the module's
+  Validation note and `check_rewards`).
   """
   kwargs = _check_kwargs(name, kwargs)
 
@@ -518,22 +565,39 @@ def kwargs_from_config(objective: Mapping[str, Any]) -> dict[str, Any]:
   """The keyword arguments of `get_advantage_fn(objective["name"], ...)` that a config's objective block sets.
 
   A config's `objective` holds the fields of every estimator (order, k, eps, ...); only those the named
-  estimator takes, and that are not None, are passed. An unknown name raises a ValueError listing the
+  estimator takes, and that are not None, are passed. Three fields select the official code's forms and are
+  passed only to the estimator they concern:
+
+    pkpo_form: "unbiased" (default) | "official"      -> pkpo's `form`.
+    cap_order_at_n: False (default) | True             -> maclaurin's `cap_order_at_n` (T > N means T = N).
+    smoothing_std: "bessel" (default) | "population"  -> grpo's `population_std`, only with Differential
+                                                           Smoothing on (smoothing_gamma > 0).
+
+  A block without them (an older config.json) gets the defaults. Their values are checked whatever the
+  estimator, so a typo raises instead of being ignored. An unknown name raises a ValueError listing the
   registered ones.
   """
-  allowed = ADVANTAGE_ESTIMATORS.get(objective["name"])
+  name = objective["name"]
+  allowed = ADVANTAGE_ESTIMATORS.get(name)
   if allowed is None:
-    raise ValueError(f"config.objective.name={objective['name']!r} is not an estimator; allowed: "
+    raise ValueError(f"config.objective.name={name!r} is not an estimator; allowed: "
                      f"{sorted(ADVANTAGE_ESTIMATORS)}.")
-  kwargs = {k: objective[k] for k in allowed.kwargs if k in objective and objective[k] is not None}
   get = objective.get if hasattr(objective, "get") else (lambda key, default=None: default)
-  # Config fields whose names differ from the rule's arguments (older configs may lack them).
-  if objective["name"] == "pkpo" and get("pkpo_form", None) is not None:
+  choices = {"pkpo_form": ("unbiased", "official"), "smoothing_std": ("bessel", "population"),
+             "cap_order_at_n": (False, True)}
+  for field, allowed_values in choices.items():
+    value = get(field, None)
+    if field == "cap_order_at_n":
+      valid = isinstance(value, bool)
+    else:
+      valid = isinstance(value, str) and value in allowed_values
+    if value is not None and not valid:
+      raise ValueError(f"config.objective.{field}={value!r}; allowed: {', '.join(map(repr, allowed_values))}.")
+  kwargs = {k: objective[k] for k in allowed.kwargs if k in objective and objective[k] is not None}
+  # Config fields whose names differ from the rule's arguments.
+  if name == "pkpo" and get("pkpo_form", None) is not None:
     kwargs["form"] = get("pkpo_form")
-  if objective["name"] == "grpo" and get("smoothing_gamma", 0.0) and get("smoothing_std", "bessel") != "bessel":
-    if get("smoothing_std") != "population":
-      raise ValueError(f"config.objective.smoothing_std={get('smoothing_std')!r}; allowed: 'bessel', "
-                       "'population'.")
+  if name == "grpo" and get("smoothing_gamma", 0.0) and get("smoothing_std", None) == "population":
     kwargs["population_std"] = True  # The official Differential Smoothing: GRPO with the population std.
   return kwargs
 

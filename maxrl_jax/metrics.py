@@ -14,7 +14,16 @@ import numpy as np
 
 Array = jax.Array
 
-__all__ = ["pass_at_k", "check_counts", "best_at_k_with_replacement", "analytic_pass_at_k", "majority_vote_accuracy", "fraction_solved"]
+__all__ = [
+    "pass_at_k",
+    "check_counts",
+    "best_at_k_with_replacement",
+    "pass_at_k_with_replacement",
+    "bootstrap_best_at_k",
+    "analytic_pass_at_k",
+    "majority_vote_accuracy",
+    "fraction_solved",
+]
 
 
 def _float_dtype(x) -> jnp.dtype:
@@ -32,11 +41,26 @@ def _check_counts(what: str, n: int, num_correct) -> None:
                      f"{bad[:3].tolist()}; a count outside that range has no pass@k (it is not clipped).")
 
 
-def check_counts(num_samples: int, num_correct: Array) -> None:
-  """`pass_at_k`'s count check for use under jit, through `jax.experimental.checkify`.
+def _check_ks(what: str, k, max_k: int | None = None) -> list[int]:
+  ks = [k] if isinstance(k, (int, np.integer)) else list(k)
+  for kk in ks:
+    if isinstance(kk, bool) or int(kk) != kk or kk < 1 or (max_k is not None and kk > max_k):
+      upper = f", num_samples={max_k}]" if max_k is not None else ", inf)"
+      raise ValueError(f"{what}: k={kk!r} must be an integer in [1{upper}.")
+  return [int(kk) for kk in ks]
 
-  `pass_at_k` checks its counts eagerly and skips the check when they are traced (no host sync inside jit);
-  call this inside the jitted function and wrap it with `checkify.checkify` to keep the check there.
+
+def check_counts(num_samples: int, num_correct: Array) -> None:
+  """The count check of `pass_at_k` and the best@k functions, for use under jit through checkify.
+
+  Those functions check their counts eagerly and skip the check when they are traced (no host sync inside
+  jit). Call this inside the jitted function and wrap it:
+
+      def evaluate(counts):
+        metrics.check_counts(n, counts)
+        return metrics.pass_at_k(n, counts, (1, 32))
+      err, values = checkify.checkify(jax.jit(evaluate))(counts)
+      err.throw()   # raises if some count is not an integer in [0, n]
   """
   from jax.experimental import checkify  # pylint: disable=import-outside-toplevel
 
@@ -46,27 +70,82 @@ def check_counts(num_samples: int, num_correct: Array) -> None:
 
 
 def best_at_k_with_replacement(num_samples: int, num_correct: Array, k: int | Sequence[int]) -> Array:
-  """The expectation of a bootstrap best@k: the best of k samples drawn WITH replacement from the n.
+  """The exact expectation of a bootstrap best@k: the best of k samples drawn WITH replacement from the n.
 
       best@k = 1 - (1 - c/n)^k
 
-  This is what verl-style training logs estimate by resampling (e.g. the authors' `best@k/mean`, 1000
-  bootstrap draws per problem). It is not pass@k: it is biased low, since sampling with replacement can
-  draw the same failed sample twice (below the unbiased pass@k by up to about 0.012 at k = 128 and 0.024
-  at k = 256 with n = 2048). Use it to compare with such logs; use `pass_at_k` for the paper's tables.
+  Each of the k draws is correct with probability c/n, independently, so the best of them is 0 with
+  probability (1 - c/n)^k: `bootstrap_best_at_k`, the authors' `best@k/mean` log metric, converges to this
+  as its number of bootstrap draws grows. It is not pass@k (`pass_at_k`, subsets without replacement): it
+  is biased low, since a draw can repeat a failed sample; at n = 2048 it is below the unbiased pass@k by up
+  to 0.0028 at k = 32, 0.0118 at k = 128 and 0.0242 at k = 256 (the worst c being about n/k). Use it to
+  compare with such logs; use `pass_at_k` for the paper's tables.
 
   Args:
-    num_samples: n (static). num_correct: [...] counts c in [0, n]. k: an int or a sequence of ints >= 1.
+    num_samples: n (static).
+    num_correct: [...] counts c, integers in [0, n]. Checked eagerly (a ValueError otherwise); under jit
+      unchecked, see `check_counts`.
+    k: an int or a sequence of ints >= 1 (static; k > n is allowed, draws repeat).
 
   Returns:
     [...] for an int k, [..., len(k)] for a sequence.
   """
   _check_counts("best_at_k_with_replacement", int(num_samples), num_correct)
-  ks = [k] if isinstance(k, int) else list(k)
+  ks = _check_ks("best_at_k_with_replacement", k)
   c = jnp.asarray(num_correct)
   fail = 1.0 - c.astype(_float_dtype(c)) / num_samples
   result = 1.0 - fail[..., None] ** jnp.asarray(ks, fail.dtype)
-  return result[..., 0] if isinstance(k, int) else result
+  return result[..., 0] if isinstance(k, (int, np.integer)) else result
+
+
+# The same function under the name that says what it is: pass@k had the k samples been drawn with replacement.
+pass_at_k_with_replacement = best_at_k_with_replacement
+
+
+def bootstrap_best_at_k(num_samples: int, num_correct: Array, k: int | Sequence[int], *, key: Array,
+                        num_bootstrap: int = 1000) -> Array:
+  """The official code's best@k log metric: a bootstrap, k of the n samples drawn with replacement.
+
+  For each problem, num_bootstrap times: draw k indices uniformly from the n samples WITH replacement and
+  take the best reward among them; report the mean of those bests. With binary rewards the best is 1 iff a
+  drawn index points at a correct sample; the law does not depend on where the c correct samples sit, so
+  they are taken to be the first c and a draw is a success iff its smallest index is < c. The indices are
+  shared by all problems (the official code reseeds before every problem, so it shares them too); each
+  problem's value is still an unbiased estimate of `best_at_k_with_replacement`, 1 - (1 - c/n)^k, with
+  variance q (1 - q) / num_bootstrap, q that value.
+
+  This is NOT the unbiased pass@k: its expectation is below `pass_at_k` by up to about 0.012 at k = 128 and
+  0.024 at k = 256 with n = 2048. Use it only to compare with logs of the official code.
+
+  Jittable: num_samples, k and num_bootstrap are static, key and num_correct may be traced. Memory is
+  num_bootstrap * k indices per k plus [..., num_bootstrap] booleans.
+
+  Args:
+    num_samples: n (static).
+    num_correct: [...] counts c, integers in [0, n]. Checked eagerly (a ValueError otherwise); under jit
+      unchecked, see `check_counts`.
+    k: an int or a sequence of ints >= 1 (static; k > n is allowed).
+    key: PRNG key; each k draws with `fold_in(key, k)`, so a k gets the same draws in any list of ks.
+    num_bootstrap: number of bootstrap draws (static); the official code uses 1000, for k = 2, 4, 8, ... below
+      n and k = n.
+
+  Returns:
+    [...] float32 means for an int k, [..., len(k)] for a sequence.
+  """
+  n = int(num_samples)
+  _check_counts("bootstrap_best_at_k", n, num_correct)
+  ks = _check_ks("bootstrap_best_at_k", k)
+  if isinstance(num_bootstrap, bool) or int(num_bootstrap) != num_bootstrap or num_bootstrap < 1:
+    raise ValueError(f"bootstrap_best_at_k: num_bootstrap={num_bootstrap!r} must be an integer >= 1.")
+  c = jnp.asarray(num_correct)
+  results = []
+  for kk in ks:
+    draws = jax.random.randint(jax.random.fold_in(key, kk), (int(num_bootstrap), kk), 0, n)
+    first = jnp.min(draws, axis=-1)  # [B]: a draw holds a correct sample iff its smallest index is < c.
+    best = first < c[..., None]  # [..., B]
+    results.append(jnp.mean(best.astype(jnp.float32), axis=-1))
+  result = jnp.stack(results, axis=-1)
+  return result[..., 0] if isinstance(k, (int, np.integer)) else result
 
 
 def pass_at_k(num_samples: int, num_correct: Array, k: int | Sequence[int]) -> Array:
@@ -82,18 +161,18 @@ def pass_at_k(num_samples: int, num_correct: Array, k: int | Sequence[int]) -> A
   Args:
     num_samples: n, the number of samples per problem (a static Python int, the same for all problems).
     num_correct: [...] integer number of correct samples c per problem, 0 <= c <= n. Checked eagerly (a
-      ValueError otherwise); under jit the check needs `check_counts` with checkify.
+      ValueError naming the bad counts). Under jit the counts are tracers and are not checked (no host
+      sync): a count above n gives 1.0, a negative one 0.0 and a fractional one the value of the next
+      integer, all silently; call `check_counts` inside the jitted function and wrap it with checkify to
+      keep the check.
     k: an int, or a sequence of ints, each 1 <= k <= n (static).
 
   Returns:
     [...] pass@k for an int k, or [..., len(k)] for a sequence.
   """
   n = int(num_samples)
-  ks = [k] if isinstance(k, int) else list(k)
   _check_counts("pass_at_k", n, num_correct)
-  for kk in ks:
-    if int(kk) != kk or not 1 <= kk <= n:
-      raise ValueError(f"pass_at_k: k={kk!r} must be an integer in [1, num_samples={n}].")
+  ks = _check_ks("pass_at_k", k, max_k=n)
   c = jnp.asarray(num_correct)
   dtype = _float_dtype(c) if jnp.issubdtype(c.dtype, jnp.floating) else jnp.float32
   c = c.astype(dtype)
@@ -105,7 +184,7 @@ def pass_at_k(num_samples: int, num_correct: Array, k: int | Sequence[int]) -> A
   terms = jnp.log1p(-k_arr[:, None] / jnp.where(finite, i, 1.0 + k_arr[:, None]))
   log_fail = jnp.sum(jnp.where(in_range & finite, terms, 0.0), axis=-1)  # [..., len(k)]
   result = jnp.where((n - c)[..., None] < k_arr, 1.0, -jnp.expm1(log_fail))
-  return result[..., 0] if isinstance(k, int) else result
+  return result[..., 0] if isinstance(k, (int, np.integer)) else result
 
 
 def analytic_pass_at_k(p: Array, k: int | Sequence[int]) -> Array:

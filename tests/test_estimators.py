@@ -273,6 +273,40 @@ def test_bad_input_is_named(call, match):
     call()
 
 
+@pytest.mark.parametrize("name,kwargs", [
+    ("maclaurin", {"order": 2, "cap_order_at_n": "yes"}), ("grpo", {"population_std": 1}),
+    ("pkpo", {"k": 2, "baseline": None}), ("maxrl", {"zero_failed_groups": "False"}),
+])
+def test_switches_must_be_booleans(name, kwargs):
+  key = next(k for k in kwargs if k not in ("order", "k"))
+  with pytest.raises(ValueError, match=f"{key}=.* must be True or False"):
+    est.get_advantage_fn(name, **kwargs)
+
+
+@pytest.mark.parametrize("form", ["unbiased", "official"])
+def test_pkpo_with_one_rollout_has_no_baseline_and_stays_finite(form):
+  # N = 1 leaves no other rollouts for a leave-one-out baseline: A = r (k = 1), not 0/0.
+  for fn in (lambda r: est.pkpo_advantages(r, k=1, form=form),
+             lambda r: est.grouped_advantages("pkpo", r.reshape(-1), jnp.arange(2), 2, k=1, form=form)):
+    np.testing.assert_array_equal(np.asarray(fn(jnp.array([[1.0], [0.0]]))).reshape(-1), [1.0, 0.0])
+  np.testing.assert_allclose(est.expected_weight("pkpo", 1, PASS_RATES, k=1, form=form), 1.0, rtol=EXACT_RTOL)
+
+
+def test_maclaurin_capped_order_is_unbiased_for_order_n():
+  for n in (2, 8):
+    got = est.expected_weight("maclaurin", n, PASS_RATES, order=64, cap_order_at_n=True)
+    np.testing.assert_allclose(got, maxrl_weight(PASS_RATES, n), rtol=EXACT_RTOL)
+  np.testing.assert_array_equal(
+      est.maclaurin_advantages(jnp.array([[1.0, 0.0, 0.0]]), order=64, cap_order_at_n=True),
+      est.maclaurin_advantages(jnp.array([[1.0, 0.0, 0.0]]), order=3))
+
+
+def test_binary_rules_document_the_jit_path_of_their_reward_check():
+  for fn in (est.maxrl_advantages, est.maclaurin_advantages, est.pkpo_advantages, est.grpo_advantages):
+    assert "check_rewards" in fn.__doc__, fn.__name__
+  assert "checkify" in est.__doc__ and "skipped" in est.__doc__
+
+
 def test_static_checks_also_fire_under_jit():
   with pytest.raises(ValueError, match="exceeds the group size"):
     jax.jit(lambda r: est.maclaurin_advantages(r, order=9))(jnp.ones((2, 8)))

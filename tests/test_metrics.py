@@ -70,3 +70,56 @@ def test_fraction_solved():
   rewards = jnp.array([[0, 0, 1], [0, 0, 0], [1, 1, 1], [0, 0, 0]])
   assert np.isclose(metrics.fraction_solved(rewards), 0.5)
   np.testing.assert_array_equal(metrics.fraction_solved(rewards, reduction="none"), [1, 0, 1, 0])
+
+
+# ------------------------------------------------------------------ best@k with replacement (the official log)
+
+
+def test_best_at_k_with_replacement_is_the_exact_resampling_expectation():
+  # Enumerate every ordered draw of k indices out of n (n^k of them): the best is 1 iff one index is < c.
+  n = 5
+  for c in range(n + 1):
+    for k in (1, 2, 3, 7):
+      if n ** k > 10 ** 5:
+        continue
+      hits = sum(min(draw) < c for draw in itertools.product(range(n), repeat=k))
+      np.testing.assert_allclose(metrics.pass_at_k_with_replacement(n, c, k), hits / n ** k, rtol=1e-6)
+  assert metrics.pass_at_k_with_replacement is metrics.best_at_k_with_replacement
+
+
+def test_best_at_k_with_replacement_is_below_pass_at_k_by_the_documented_amounts():
+  n, c = 2048, np.arange(2049)
+  gap = np.asarray(metrics.pass_at_k(n, c, [32, 128, 256])) - np.asarray(
+      metrics.best_at_k_with_replacement(n, c, [32, 128, 256]))
+  assert gap.min() > -1e-6
+  np.testing.assert_allclose(gap.max(axis=0), [0.0028, 0.0118, 0.0242], atol=2e-4)
+
+
+def test_bootstrap_best_at_k_converges_to_the_closed_form():
+  import jax  # pylint: disable=import-outside-toplevel
+
+  n, ks, draws = 64, (1, 4, 16, 128), 4000
+  counts = jnp.array([0, 1, 3, 16, 40, 63, 64])
+  boot = jax.jit(lambda c, key: metrics.bootstrap_best_at_k(n, c, ks, key=key, num_bootstrap=draws))(
+      counts, jax.random.key(0))
+  closed = np.asarray(metrics.best_at_k_with_replacement(n, counts, ks))
+  assert boot.shape == (7, 4)
+  # Each entry is a mean of `draws` Bernoulli(q) variables: standard error sqrt(q (1-q) / draws).
+  se = np.sqrt(closed * (1 - closed) / draws)
+  assert np.all(np.abs(np.asarray(boot) - closed) <= 5 * se + 1e-6)
+  np.testing.assert_array_equal(boot[0], 0.0)  # c = 0 and c = n are exact.
+  np.testing.assert_array_equal(boot[-1], 1.0)
+  one = metrics.bootstrap_best_at_k(n, counts, 4, key=jax.random.key(0), num_bootstrap=draws)
+  np.testing.assert_allclose(one, boot[:, 1])  # A k draws the same in any list of ks.
+  with pytest.raises(ValueError, match="num_correct must hold integers"):
+    metrics.bootstrap_best_at_k(n, jnp.array([65]), 4, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="num_bootstrap"):
+    metrics.bootstrap_best_at_k(n, counts, 4, key=jax.random.key(0), num_bootstrap=0)
+
+
+@pytest.mark.parametrize("count", [5, -1, 1.5])
+def test_pass_at_k_raises_on_impossible_counts_and_names_the_argument(count):
+  with pytest.raises(ValueError, match=r"num_correct must hold integers in \[0, num_samples=4\]"):
+    metrics.pass_at_k(4, jnp.array([count]), 2)
+  with pytest.raises(ValueError, match=r"k=0 must be an integer"):
+    metrics.best_at_k_with_replacement(4, 1, 0)

@@ -124,20 +124,29 @@ def min_response_length(size: int) -> int:
 
 
 def _check_token_ids(responses, name: str = "responses") -> None:
-    """Eager check that token ids are integers that fit int32 (skipped when traced).
+    """Checks token ids: an integer dtype always (also under jit), values that fit int32 when concrete.
 
-    The verifier compares int32 ids; a wider id (e.g. int64 13 + 2**32) would wrap to a valid action when JAX
-    converts it, so it is refused here instead. Ids in int32 range outside the vocabulary are simply invalid
-    tokens (reward 0 where they come before DONE).
+    The verifier compares ids in their own integer dtype, so an id outside [0, VOCAB_SIZE) is never a move:
+    it is an invalid token (reward 0 where it comes before DONE). Ids beyond int32 (e.g. int64 13 + 2**32) are
+    refused here: with JAX's default 32-bit types, turning such an array into a JAX array wraps it to int32
+    (13 + 2**32 becomes 13, UP) before any comparison can see it. Under jax.jit that conversion happens when
+    the argument is passed in, before the verifier runs, so no check inside jit can catch it: pass int32 ids
+    (the sampler's), or enable 64-bit types, under which wide ids reach the comparison intact and score 0.
     """
+    dtype = np.dtype(responses.dtype)
+    if not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {dtype}; convert it with "
+                         ".astype(int32) after checking that the values are whole numbers.")
     if isinstance(responses, jax.core.Tracer):
         return
     values = np.asarray(responses)
-    if not np.issubdtype(values.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer token ids, got dtype {values.dtype}.")
-    if values.size and (values.min() < np.iinfo(np.int32).min or values.max() > np.iinfo(np.int32).max):
-        raise ValueError(f"{name} holds token ids outside the int32 range (e.g. {int(values.max())}); token ids "
-                         f"are in [0, {VOCAB_SIZE}).")
+    if values.size:
+        info = np.iinfo(np.int32)
+        outside = values[(values < info.min) | (values > info.max)]
+        if outside.size:
+            raise ValueError(f"{name} holds token ids outside the int32 range (e.g. {int(outside[0])}), which JAX "
+                             f"would wrap to other ids; token ids are in [0, {VOCAB_SIZE}), fix the tokens or their "
+                             "dtype before verifying.")
 
 
 def _check_grids(grids: jax.Array, rank: int, name: str = "grids") -> int:
@@ -586,6 +595,12 @@ def verify(grid: jax.Array, response: jax.Array) -> jax.Array:
     Args:
       grid: int [S, S], nonzero = wall; start (1, 1), goal (S-2, S-2).
       response: int [R], the sampled tokens after PATH_START (any R >= 1; the sampler's cap, 180 in the paper).
+        Any integer dtype (others raise a ValueError, also under jit); ids are compared in that dtype, so an
+        id outside [0, VOCAB_SIZE) is an invalid token, never a move. A concrete array with ids beyond int32
+        raises a ValueError, since JAX's default 32-bit types would wrap them (int64 13 + 2**32 to 13, UP).
+        Under jax.jit that wrap happens when the argument is passed in, before any check can see it: pass
+        int32 ids (as the sampler does), or enable 64-bit types, under which such ids arrive intact and
+        score 0.
 
     Rules (the paper's maze task), applied in this order:
       1. No DONE anywhere in the response (including truncation at the cap) -> 0.
@@ -600,6 +615,7 @@ def verify(grid: jax.Array, response: jax.Array) -> jax.Array:
         raise ValueError(f"response must have shape [R], got {response.shape}; use verify_batch/verify_groups.")
     _check_token_ids(response, "response")
     grid = jnp.asarray(grid)
+    response = jnp.asarray(response)
     goal = size - 2
     is_wall = grid != 0
     row_step = jnp.asarray(_ROW_STEP, jnp.int32)
@@ -609,10 +625,11 @@ def verify(grid: jax.Array, response: jax.Array) -> jax.Array:
         row, col, done_seen, junk, crashed, reached = state
         before_done = ~done_seen
         is_done = token == DONE
+        # Compared in the ids' own dtype (no cast that could wrap): only the ids UP..RIGHT are moves.
         is_action = (token >= UP) & (token <= RIGHT)
         junk = junk | (before_done & ~is_done & ~is_action)
         moving = before_done & is_action & ~crashed & ~reached
-        direction = jnp.clip(token - UP, 0, 3)
+        direction = (jnp.clip(token, UP, RIGHT) - UP).astype(jnp.int32)
         new_row, new_col = row + row_step[direction], col + col_step[direction]
         inside = (new_row >= 0) & (new_row < size) & (new_col >= 0) & (new_col < size)
         blocked = ~inside | is_wall[jnp.clip(new_row, 0, size - 1), jnp.clip(new_col, 0, size - 1)]
@@ -624,7 +641,7 @@ def verify(grid: jax.Array, response: jax.Array) -> jax.Array:
 
     false = jnp.bool_(False)
     init = (jnp.int32(1), jnp.int32(1), false, false, false, false)
-    (row, col, done_seen, junk, crashed, reached), _ = jax.lax.scan(read, init, response.astype(jnp.int32))
+    (row, col, done_seen, junk, crashed, reached), _ = jax.lax.scan(read, init, response)
     ends_on_goal = ~crashed & (row == goal) & (col == goal)
     return (done_seen & ~junk & (reached | ends_on_goal)).astype(jnp.float32)
 
