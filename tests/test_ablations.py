@@ -99,7 +99,7 @@ def test_objective_comparison_runs_and_skips_finished_runs(tmp_path, capsys):
     assert os.path.exists(os.path.join(workdir, name))
   summary = os.path.join(workdir, "runs", "self", "seed0", "summary.json")
   stamp = os.path.getmtime(summary)
-  # All three runs share one SFT policy.
+  # The runs of a seed share that seed's SFT policy.
   for name in ("maxrl", "self"):
     with open(os.path.join(workdir, "runs", name, "seed0", "summary.json")) as f:
       assert json.load(f)["sft_eval"] == payload_sft(workdir)
@@ -110,7 +110,7 @@ def test_objective_comparison_runs_and_skips_finished_runs(tmp_path, capsys):
 
 
 def payload_sft(workdir):
-  with open(os.path.join(workdir, "sft", "summary.json")) as f:
+  with open(os.path.join(workdir, "sft", "seed0", "summary.json")) as f:
     return json.load(f)["eval"]
 
 
