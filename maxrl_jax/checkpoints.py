@@ -133,6 +133,9 @@ class PhaseCheckpointer:
       digests = {s: d for s, d in self._digests().items() if int(s) in self._manager.all_steps()}
       digests[str(step)] = directory_digest(self._step_dir(step))
       self._write_digests(digests)
+    if jax.process_count() > 1:  # Every process sees the digest before any of them may restore the step.
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices(f"checkpoint_digest_{self.phase}_{step}")
 
   def verify(self, step: int) -> None:
     """Raises CheckpointError unless `step`'s files match the digest written when it was saved."""

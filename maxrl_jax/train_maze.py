@@ -371,6 +371,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.initialize_distributed(config.get("mesh"))  # Multi-host: before any JAX computation.
   validate_config(config)
   check_sft_source(config)
+  # Device layout checked before anything is written.
+  sharding.check_batch_sizes(sharding.make_mesh(config.get("mesh")), {
+      "rollout.num_prompts": config.rollout.num_prompts, "sft.batch_size": config.sft.batch_size,
+      "eval.prompt_chunk": config.eval.prompt_chunk})
   workdir = workdir_lib.prepare_workdir(workdir)
   with workdir_lib.WorkdirLock(workdir, enabled=sharding.is_chief()):
     finished = finished_summary(config, workdir)

@@ -25,7 +25,7 @@ def tiny_reproduction(tmp_path_factory):
 
 def test_every_ablation_writes_its_results(tiny_reproduction):
   out, _ = tiny_reproduction
-  for ablation, plots in [("objectives", ["pass_at_k.png", "training_curves.png"]), ("scaling", ["scaling.png"]),
+  for ablation, plots in [("objectives", ["pass_at_k.png", "training_curves.png", "heldout_curves.png"]), ("scaling", ["scaling.png"]),
                           ("data_scarce", ["epochs.png"]),
                           ("signal", ["fraction_solved.png", "grad_norm_vs_pass_rate.png"])]:
     with open(out / ablation / "results.json") as f:
