@@ -121,3 +121,19 @@ def config_identity(config_dict: Mapping[str, Any]) -> dict[str, Any]:
 def config_digest(config_dict: Mapping[str, Any]) -> str:
   """SHA-256 of `config_identity` (summary.json records it: a finished run is recognised by it)."""
   return hashlib.sha256(json.dumps(config_identity(config_dict), sort_keys=True).encode()).hexdigest()
+
+
+def read_finished_summary(workdir: str, config_dict: Mapping[str, Any]) -> dict | None:
+  """<workdir>/summary.json if it was written by a run of exactly this config (same `config_digest`), else None.
+
+  The trainers then check the summary's step count against the config before calling the run finished.
+  """
+  path = os.path.join(workdir, "summary.json")
+  try:
+    with open(path) as f:
+      summary = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None  # Missing, or cut short: the resumed run rewrites it at its end.
+  if isinstance(summary, dict) and summary.get("config_sha256") == config_digest(config_dict):
+    return summary
+  return None

@@ -36,7 +36,6 @@ statistics are taken over the global batch.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -389,15 +388,8 @@ def _expected_steps(config: ml_collections.ConfigDict, workdir: str) -> int | No
 
 def finished_summary(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """The summary of a finished run of exactly this config in `workdir`, else None."""
-  path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      summary = json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return None  # Rewritten at the end of the resumed run.
-  if not isinstance(summary, dict) or summary.get("config_sha256") != workdir_lib.config_digest(config.to_dict()):
+  summary = workdir_lib.read_finished_summary(workdir, config.to_dict())
+  if summary is None:
     return None
   expected = _expected_steps(config, workdir)
   if "steps" not in summary or (expected is not None and summary["steps"] != expected):

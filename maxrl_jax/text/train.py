@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import time
 from collections import Counter
@@ -453,16 +452,8 @@ def _abstract_state(init_fn, *args, mesh, rules):
 
 def finished_summary(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """The summary of a finished run of exactly this config in `workdir`, else None."""
-  path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      summary = json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return None  # Rewritten at the end of the resumed run.
-  if (isinstance(summary, dict) and summary.get("config_sha256") == workdir_lib.config_digest(config.to_dict())
-      and summary.get("rl_steps") == config.rl.steps):
+  summary = workdir_lib.read_finished_summary(workdir, config.to_dict())
+  if summary is not None and summary.get("rl_steps") == config.rl.steps:
     return summary
   return None
 
