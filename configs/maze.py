@@ -128,6 +128,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.mesh.num_processes = -1  # -1 = $JAX_NUM_PROCESSES or auto-detected (TPU pods, SLURM).
   cfg.mesh.process_id = -1  # -1 = $JAX_PROCESS_ID or auto-detected.
 
+  # Population training (maxrl_jax/population.py): a table of runs as ONE jitted program, members stacked on
+  # a leading axis and vmapped (sharded over a "member" mesh axis). Members are the cross product
+  # objectives x sweep x seeds; each reproduces the single run with its overrides and seed (same SFT policy
+  # per seed, same mazes and sampling keys). Empty tuples (the default) train one run as configured above.
+  cfg.population = ml_collections.ConfigDict()
+  # Entries: an estimator name ("maxrl"), or "label: field=value, ..." with fields from
+  # population.MEMBER_FIELDS, e.g. "grpo_entropy: objective.name=grpo, objective.entropy_coef=0.01".
+  cfg.population.objectives = ()
+  # Hyperparameter settings crossed with the objectives, "label: field=value, ..." (e.g.
+  # "lr3e-4: rl.learning_rate=3e-4"); () = the config's own values.
+  cfg.population.sweep = ()
+  cfg.population.seeds = ()  # () = (config.seed,).
+  # Devices along the member axis; -1 = gcd(members, devices): members side by side, and the data / fsdp
+  # axes of config.mesh inside a member over the remaining devices.
+  cfg.population.member_devices = -1
+
   # Where the metrics go besides <workdir>/metrics.jsonl (and the PNG curves written at the end).
   cfg.logging = ml_collections.ConfigDict()
   cfg.logging.tensorboard = True  # Event files in <workdir>/tensorboard (`tensorboard --logdir=<workdir>`).

@@ -799,7 +799,8 @@ def policy_gradient_loss(
     advantages: [...] one advantage per rollout (gradients are stopped).
     reduction: one of REDUCTIONS.
     entropy: optional [..., T] per-token entropies (see token_entropy) for an entropy bonus.
-    entropy_coef: weight of the entropy bonus (reduced like the log-probs).
+    entropy_coef: weight of the entropy bonus (reduced like the log-probs); a Python 0 skips it, an array
+      (e.g. one value per population member) is always applied.
     group_ids: optional [...] int prompt ids for ragged groups: rollouts are averaged within each group,
       then over groups (the unbiased per-prompt mean). None means all groups have equal size.
     num_groups: number of groups (static), required with group_ids.
@@ -816,7 +817,7 @@ def policy_gradient_loss(
   logprobs = logprobs.astype(jnp.promote_types(logprobs.dtype, jnp.float32))
   adv = jax.lax.stop_gradient(advantages).astype(logprobs.dtype)
   loss = -_reduce_tokens(adv[..., None] * logprobs, mask, reduction, group_ids, num_groups)
-  if entropy is not None and entropy_coef:
+  if entropy is not None and not (isinstance(entropy_coef, (int, float)) and entropy_coef == 0):
     loss = loss - entropy_coef * _reduce_tokens(entropy.astype(logprobs.dtype), mask, reduction,
                                                 group_ids, num_groups)
   return loss

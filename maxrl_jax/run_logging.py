@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 # Fields that may differ between the first launch of a run and a resumed launch on the same workdir.
-RESUMABLE_FIELDS = ("progress_bar", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints")
+RESUMABLE_FIELDS = ("progress_bar", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                    "population.member_devices")
 # A run may resume on another device mesh or coordinator (checkpoints restore into the new shardings).
 # Where metrics are sent (TensorBoard, Weights & Biases) does not change what a run computes either.
 RESUMABLE_PREFIXES = ("mesh.", "logging.")
@@ -194,6 +195,28 @@ def interval_record(phase: str, step: int, history: list[Mapping[str, Any]], sin
   if tokens_key:
     record["tokens_per_s"] = float(sum(float(h[tokens_key]) for h in stacked)) / max(seconds, 1e-9)
   return record
+
+
+def member_interval_records(phase: str, step: int, history: list[Mapping[str, Any]], since: float,
+                            members: Sequence[Mapping[str, Any]], tokens_key: str | None = None) -> list[dict]:
+  """`interval_record` for a population: each metric is a [K] array; one record per member.
+
+  Record i holds member i's fields, the mean over the interval of element i of every metric, the
+  population's wall time per step (`step_time_s`, shared by all members) and, with `tokens_key`, member
+  i's tokens per second of that wall time (summed over members it is the population's throughput).
+  """
+  stacked = jax.device_get(list(history))
+  seconds = time.time() - since
+  records = []
+  for i, fields in enumerate(members):
+    record = {"phase": phase, "step": step, **dict(fields)}
+    for key in stacked[0]:
+      record[key] = float(np.mean([float(np.asarray(h[key])[i]) for h in stacked]))
+    record["step_time_s"] = seconds / len(stacked)
+    if tokens_key:
+      record["tokens_per_s"] = float(sum(float(np.asarray(h[tokens_key])[i]) for h in stacked)) / max(seconds, 1e-9)
+    records.append(record)
+  return records
 
 
 # ------------------------------------------------------------------------------------------------ sinks

@@ -32,6 +32,7 @@ from maxrl_jax import estimators
 from maxrl_jax import memory_plan
 from maxrl_jax import metrics as metrics_lib
 from maxrl_jax import plots
+from maxrl_jax import population as population_lib
 from maxrl_jax import run_logging
 from maxrl_jax import sharding
 from maxrl_jax import train_steps
@@ -54,6 +55,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   def fail(field, message):
     raise ValueError(f"config.{field}: {message}")
+
+  if population_lib.is_population(config):  # Each member is checked as the single run it reproduces.
+    from maxrl_jax import train_population  # pylint: disable=import-outside-toplevel
+    train_population.validate(config)
+    return
 
   try:
     size = maze.check_maze_size(config.maze.size)
@@ -245,7 +251,12 @@ def evaluate(eval_fn, params, grids: jax.Array, chunk: int, key: jax.Array, num_
   counts = []
   for i in range(0, grids.shape[0], chunk):
     counts.append(eval_fn(params, grids[i:i + chunk], jax.random.fold_in(key, i), jnp.float32(temperature)))
-  counts = jnp.concatenate(counts)
+  return eval_metrics(jnp.concatenate(counts), num_samples, ks)
+
+
+def eval_metrics(counts: np.ndarray, num_samples: int, ks) -> dict[str, float]:
+  """The held-out metrics of `evaluate` from correct counts [M] out of `num_samples` per maze."""
+  counts = jnp.asarray(counts)
   per_maze = np.asarray(metrics_lib.pass_at_k(num_samples, counts, list(ks)), np.float64)  # [M, len(ks)]
   num_mazes = per_maze.shape[0]
   # Standard error over mazes of the per-maze unbiased estimates: it covers both the choice of held-out mazes
@@ -360,6 +371,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   One process at a time per workdir (a second one stops at once, naming the holder). A workdir that holds a
   finished run of the same config is left untouched: its summary is returned.
   """
+  if population_lib.is_population(config):  # A table of runs as one program: maxrl_jax/train_population.py.
+    from maxrl_jax import train_population  # pylint: disable=import-outside-toplevel
+    return train_population.train_and_evaluate(config, workdir)
   sharding.initialize_distributed(config.get("mesh"))  # Multi-host: before any JAX computation.
   validate_config(config)
   check_sft_source(config)

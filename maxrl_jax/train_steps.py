@@ -10,6 +10,7 @@ the whole loop body on device:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -78,6 +79,11 @@ def next_token_loss(model_fns, params, inputs: Array, loss_mask: Array) -> tuple
   return jnp.sum(nll * weights) / denom, {"token_accuracy": accuracy}
 
 
+def _static_zero(value) -> bool:
+  """True for a Python (or numpy) number equal to 0; False for any other number and for traced arrays."""
+  return isinstance(value, (int, float)) and value == 0
+
+
 def _jit_step(fn, state_sharding, batch_sharding, num_replicated_args: int):
   """jit(fn) with the state (argument 0) donated; with shardings: (state, batch, replicated...) in,
   (state, replicated metrics) out. Without them (one device) plain jit, as before."""
@@ -98,14 +104,17 @@ def make_sft_step(model_fns, tx: optax.GradientTransformation, *, state_sharding
   leading axis split over the mesh), the step is jitted with those in/out shardings, metrics replicated.
   """
 
-  def sft_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    (loss, aux), grads = jax.value_and_grad(
-        lambda p: next_token_loss(model_fns, p, batch["inputs"], batch["loss_mask"]), has_aux=True)(
-            state.params)
-    new_state = _apply_gradients(state, grads, tx)
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+  return _jit_step(functools.partial(sft_step, model_fns, tx), state_sharding, batch_sharding, 0)
 
-  return _jit_step(sft_step, state_sharding, batch_sharding, 0)
+
+def sft_step(model_fns, tx: optax.GradientTransformation, state: TrainState, batch: dict
+             ) -> tuple[TrainState, dict]:
+  """One supervised step (pure; `make_sft_step` jits it, a population vmaps it over seeds)."""
+  (loss, aux), grads = jax.value_and_grad(
+      lambda p: next_token_loss(model_fns, p, batch["inputs"], batch["loss_mask"]), has_aux=True)(
+          state.params)
+  new_state = _apply_gradients(state, grads, tx)
+  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
 
 
 def policy_update(
@@ -137,7 +146,9 @@ def policy_update(
     reduction, entropy_coef: see estimators.policy_gradient_loss.
     smoothing_gamma: Differential Smoothing (a baseline of the paper's tables): with gamma > 0 the
       advantage becomes A_i - gamma r_i lbar_i + gamma (1 - r_i) lbar_i, lbar_i the mean token log-prob of
-      rollout i under the sampling policy.
+      rollout i under the sampling policy. A Python 0 skips it; an array (a population member's value,
+      possibly 0) is applied, which leaves the advantages unchanged where it is 0.
+    entropy_coef may likewise be an array (see estimators.policy_gradient_loss).
     zero_prompts: optional [P] bool; the advantages of these prompts are set to 0 (SELF: prompts whose
       greedy decode is already correct).
     micro_batch_prompts, micro_batch_rollouts: optional gradient accumulation (static). Advantages always
@@ -155,7 +166,7 @@ def policy_update(
     `logprob_mismatch`, the largest |teacher-forced - sampling| log-prob (0 up to round-off on-policy).
   """
   advantages = advantage_fn(rewards)
-  if smoothing_gamma:
+  if not _static_zero(smoothing_gamma):
     mask = rollouts.mask.astype(jnp.float32)
     mean_logprob = jnp.sum(rollouts.logprobs * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)  # [P, N]
     advantages = estimators.apply_differential_smoothing(advantages, rewards, mean_logprob, smoothing_gamma)
@@ -292,29 +303,47 @@ def make_rl_step(
   """
 
   num_shards = 1 if batch_sharding is None else sharding.num_batch_shards(batch_sharding.mesh)
+  step = functools.partial(
+      rl_step, model_fns=model_fns, tx=tx, prompt_fn=prompt_fn, verifier=verifier, advantage_fn=advantage_fn,
+      num_samples=num_samples, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, reduction=reduction,
+      entropy_coef=entropy_coef, pad_id=pad_id, smoothing_gamma=smoothing_gamma, self_filter=self_filter,
+      micro_batch_prompts=micro_batch_prompts, micro_batch_rollouts=micro_batch_rollouts, num_shards=num_shards)
+  return _jit_step(step, state_sharding, batch_sharding, 2)
 
-  def rl_step(state: TrainState, tasks: Array, rng: Array, temperature: Array):
-    prompts = prompt_fn(tasks)
-    rollouts = sampling.sample_rollouts(
-        model_fns, state.params, prompts, rng, num_rollouts=num_samples, max_new_tokens=max_new_tokens,
-        temperature=temperature, stop_tokens=stop_tokens, pad_id=pad_id)
-    rewards = verifier(tasks, rollouts.tokens)  # [P, N]
-    zero_prompts = None
-    if self_filter:
-      greedy = sampling.sample_rollouts(
-          model_fns, state.params, prompts, rng, num_rollouts=1, max_new_tokens=max_new_tokens,
-          temperature=0.0, stop_tokens=stop_tokens, pad_id=pad_id)
-      zero_prompts = verifier(tasks, greedy.tokens)[:, 0] > 0  # [P]
-    new_state, step_metrics = policy_update(
-        model_fns, tx, state, prompts, rollouts, rewards, temperature, advantage_fn=advantage_fn,
-        reduction=reduction, entropy_coef=entropy_coef, smoothing_gamma=smoothing_gamma,
-        zero_prompts=zero_prompts, micro_batch_prompts=micro_batch_prompts,
-        micro_batch_rollouts=micro_batch_rollouts, num_shards=num_shards)
-    if self_filter:
-      step_metrics["greedy_solved_fraction"] = jnp.mean(zero_prompts.astype(jnp.float32))
-    return new_state, step_metrics
 
-  return _jit_step(rl_step, state_sharding, batch_sharding, 2)
+def rl_step(state: TrainState, tasks: Array, rng: Array, temperature: Array, *, model_fns,
+            tx: optax.GradientTransformation, prompt_fn, verifier: Verifier, advantage_fn: estimators.AdvantageFn,
+            num_samples: int, max_new_tokens: int, stop_tokens: tuple[int, ...], reduction: str = "sequence_sum",
+            entropy_coef: float | Array = 0.0, pad_id: int = 0, smoothing_gamma: float | Array = 0.0,
+            self_filter: bool | Array = False, micro_batch_prompts: int | None = None,
+            micro_batch_rollouts: int | None = None, num_shards: int = 1) -> tuple[TrainState, dict]:
+  """One on-policy RL step (pure): sample, verify, advantages, update. See `make_rl_step` for the arguments.
+
+  A population (maxrl_jax/population.py) vmaps it over members; there `entropy_coef`, `smoothing_gamma` and
+  `self_filter` may be per-member arrays: a member whose `self_filter` is False keeps all its advantages, and
+  its `greedy_solved_fraction` is reported as 0.
+  """
+  prompts = prompt_fn(tasks)
+  rollouts = sampling.sample_rollouts(
+      model_fns, state.params, prompts, rng, num_rollouts=num_samples, max_new_tokens=max_new_tokens,
+      temperature=temperature, stop_tokens=stop_tokens, pad_id=pad_id)
+  rewards = verifier(tasks, rollouts.tokens)  # [P, N]
+  zero_prompts = None
+  if self_filter is not False:
+    greedy = sampling.sample_rollouts(
+        model_fns, state.params, prompts, rng, num_rollouts=1, max_new_tokens=max_new_tokens,
+        temperature=0.0, stop_tokens=stop_tokens, pad_id=pad_id)
+    zero_prompts = verifier(tasks, greedy.tokens)[:, 0] > 0  # [P]
+    if self_filter is not True:  # A per-member flag.
+      zero_prompts = jnp.logical_and(zero_prompts, self_filter)
+  new_state, step_metrics = policy_update(
+      model_fns, tx, state, prompts, rollouts, rewards, temperature, advantage_fn=advantage_fn,
+      reduction=reduction, entropy_coef=entropy_coef, smoothing_gamma=smoothing_gamma,
+      zero_prompts=zero_prompts, micro_batch_prompts=micro_batch_prompts,
+      micro_batch_rollouts=micro_batch_rollouts, num_shards=num_shards)
+  if zero_prompts is not None:
+    step_metrics["greedy_solved_fraction"] = jnp.mean(zero_prompts.astype(jnp.float32))
+  return new_state, step_metrics
 
 
 def make_eval_fn(
@@ -335,13 +364,19 @@ def make_eval_fn(
   replicated (readable on every host).
   """
 
-  def eval_fn(params, tasks, rng, temperature):
-    rollouts = sampling.sample_rollouts(
-        model_fns, params, prompt_fn(tasks), rng, num_rollouts=num_samples, max_new_tokens=max_new_tokens,
-        temperature=temperature, stop_tokens=stop_tokens, pad_id=pad_id)
-    return jnp.sum(verifier(tasks, rollouts.tokens), axis=-1).astype(jnp.int32)
-
+  eval_fn = functools.partial(eval_counts, model_fns=model_fns, prompt_fn=prompt_fn, verifier=verifier,
+                              num_samples=num_samples, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
+                              pad_id=pad_id)
   if params_sharding is None and batch_sharding is None:
     return jax.jit(eval_fn)
   rep = NamedSharding(batch_sharding.mesh, PartitionSpec())
   return jax.jit(eval_fn, in_shardings=(params_sharding, batch_sharding, rep, rep), out_shardings=rep)
+
+
+def eval_counts(params, tasks: Array, rng: Array, temperature: Array, *, model_fns, prompt_fn, verifier: Verifier,
+                num_samples: int, max_new_tokens: int, stop_tokens: tuple[int, ...], pad_id: int = 0) -> Array:
+  """Correct samples per task [P] int32 out of `num_samples` (pure; `make_eval_fn` jits it)."""
+  rollouts = sampling.sample_rollouts(
+      model_fns, params, prompt_fn(tasks), rng, num_rollouts=num_samples, max_new_tokens=max_new_tokens,
+      temperature=temperature, stop_tokens=stop_tokens, pad_id=pad_id)
+  return jnp.sum(verifier(tasks, rollouts.tokens), axis=-1).astype(jnp.int32)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import jax
@@ -78,6 +78,7 @@ def run_phase(
     annotate: Callable[[dict, int], None] | None = None,
     finite_keys: Sequence[str] = FINITE_KEYS,
     last_saved: int | None = None,
+    members: Sequence[Mapping[str, Any]] | None = None,
 ) -> Any:
   """Runs steps start+1..end of one phase and returns the final state.
 
@@ -99,6 +100,11 @@ def run_phase(
     finite_keys: metrics that must stay finite; a non-finite one raises NonFiniteError (as do non-finite
       parameters at a checkpoint).
     last_saved: the step of the newest checkpoint already on disk (for the error message).
+    members: for a population (maxrl_jax/population.py): one dict of record fields per member (e.g.
+      {"member": 0, "objective": "maxrl", "seed": 0}). Each step's metrics are then [K] arrays, every logged
+      interval writes K records (one per member, with its fields), and `evaluate` returns a list of K dicts,
+      written as K "eval" records and stored as a list in `evals[step]`. A non-finite value of any member
+      stops the whole population.
   """
   if evaluate is not None and evals is None:
     raise ValueError("Pass `evals` (a dict) to receive the evaluations.")
@@ -118,23 +124,41 @@ def run_phase(
     state, step_metrics = step_fn(state, step)
     history.append(step_metrics)
     if _due(step, log_every, end):
-      record = run_logging.interval_record(phase, step, history, tick, tokens_key=tokens_key)
-      if annotate is not None:
-        annotate(record, step)
-      writer.write(record)
-      if any(key in record and not math.isfinite(record[key]) for key in finite_keys):
-        bad = _first_non_finite(phase, history, step - len(history) + 1, finite_keys)
-        raise diverged(*(bad or (step, "an interval mean", "not finite")))
-      if "pass_rate" in record and hasattr(bar, "set_postfix"):
-        bar.set_postfix(pass_rate=f"{record['pass_rate']:.3f}")
+      if members is None:
+        records = [run_logging.interval_record(phase, step, history, tick, tokens_key=tokens_key)]
+      else:
+        records = run_logging.member_interval_records(phase, step, history, tick, members,
+                                                      tokens_key=tokens_key)
+      for record in records:
+        if annotate is not None:
+          annotate(record, step)
+        writer.write(record)
+      for i, record in enumerate(records):
+        if any(key in record and not math.isfinite(record[key]) for key in finite_keys):
+          member_history = history if members is None else [
+              {k: np.asarray(v)[i] for k, v in h.items()} for h in jax.device_get(list(history))]
+          bad = _first_non_finite(phase, member_history, step - len(history) + 1, finite_keys)
+          bad = bad or (step, "an interval mean", "not finite")
+          if members is not None:
+            bad = (bad[0], f"{bad[1]} of member {dict(members[i])}", bad[2])
+          raise diverged(*bad)
+      rates = [r["pass_rate"] for r in records if "pass_rate" in r]
+      if rates and hasattr(bar, "set_postfix"):
+        bar.set_postfix(pass_rate=f"{np.mean(rates):.3f}")
       history, tick = [], time.time()
     pause = time.time()
     checkpoint_due = _due(step, checkpoint_every, end)
     if checkpoint_due and not bool(params_are_finite(state.params)):
       raise diverged(step, "a parameter", "not finite")
     if evaluate is not None and _due(step, eval_every, end):
-      evals[step] = {"phase": "eval", "step": step, **evaluate(state.params)}
-      writer.write(evals[step])
+      if members is None:
+        evals[step] = {"phase": "eval", "step": step, **evaluate(state.params)}
+        writer.write(evals[step])
+      else:
+        evals[step] = [{"phase": "eval", "step": step, **dict(fields), **result}
+                       for fields, result in zip(members, evaluate(state.params), strict=True)]
+        for record in evals[step]:
+          writer.write(record)
     if checkpoint_due:
       save(step, state)
       saved = step
