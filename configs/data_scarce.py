@@ -42,4 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.seeds = (0,)
   else:
     raise ValueError(f"Unknown preset {preset!r}; allowed: cpu, paper, tiny.")
+  # True: each table trains as populations (maxrl_jax/population.py), one per distinct shape; False: one run
+  # after another.
+  cfg.as_population = True
   return cfg

@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from maxrl_jax import population as population_lib
 from maxrl_jax import run_logging
 from maxrl_jax import train_maze
 
@@ -92,9 +93,93 @@ def build_run_configs(base: ml_collections.ConfigDict,
   return configs
 
 
+def population_groups(runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[dict, dict[str, dict], list[int]]]:
+  """Splits `seed_runs` output into populations: [(shared overrides, {variant: member overrides}, seeds)].
+
+  Runs whose overrides outside population.MEMBER_FIELDS (and the seed) are equal form one population, whose
+  members are its variants x seeds (e.g. the rollout-scaling study: one population per N). Raises a
+  ValueError when a group is not a full variants x seeds table.
+  """
+  groups: dict[str, tuple[dict, dict[str, dict], list[int]]] = {}
+  for name, overrides in runs.items():
+    variant, _, _ = name.rpartition("/")
+    if not variant or "seed" not in overrides:
+      raise ValueError(f"run {name!r}: populations need runs named <variant>/seed<s> with a seed (seed_runs).")
+    member = {k: v for k, v in overrides.items() if k in population_lib.MEMBER_FIELDS}
+    shared = {k: v for k, v in overrides.items() if k not in population_lib.MEMBER_FIELDS and k != "seed"}
+    group = groups.setdefault(json.dumps(shared, sort_keys=True), (shared, {}, []))
+    if group[1].setdefault(variant, member) != member:
+      raise ValueError(f"run {name!r}: the seeds of variant {variant!r} have different overrides.")
+    if overrides["seed"] not in group[2]:
+      group[2].append(overrides["seed"])
+  for shared, variants, seeds in groups.values():
+    expected = {f"{v}/seed{s}" for v in variants for s in seeds}
+    if not expected <= set(runs):
+      raise ValueError(f"the runs with {shared or 'no other overrides'} are not every variant x seed "
+                       f"({sorted(expected - set(runs))[:3]} missing); run them with population=False.")
+  return list(groups.values())
+
+
+def population_config(base: ml_collections.ConfigDict, shared: Mapping[str, Any], variants: Mapping[str, dict],
+                      seeds: Iterable[int]) -> ml_collections.ConfigDict:
+  """`base` with the shared overrides and a population block of the variants (labels) x seeds."""
+  config = with_overrides(base, shared)
+  entries = []
+  for variant, member in variants.items():
+    fields = ", ".join(f"{k}={v!r}" for k, v in member.items())
+    entries.append(f"{variant}: {fields}" if fields else variant)
+  config.population.objectives = tuple(entries)
+  config.population.seeds = tuple(seeds)
+  return config
+
+
+def run_populations(base: ml_collections.ConfigDict, workdir: str,
+                    runs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
+  """Trains `runs` as populations (one per `population_groups` group) and returns {name: member summary}.
+
+  A group trains in <workdir>/populations/<its shared overrides, or "all">; every member's single-run view
+  (maxrl_jax/train_population.py: export_members) is linked as <workdir>/runs/<variant>/seed<s>, so reports
+  read populations and separate runs alike.
+  """
+  groups = population_groups(runs)
+  configs = []
+  for shared, variants, seeds in groups:
+    config = population_config(base, shared, variants, seeds)
+    train_maze.validate_config(config)  # Every member checked before anything trains.
+    name = ",".join(f"{k}={v}" for k, v in sorted(shared.items())) or "all"
+    configs.append((name, config, variants, seeds))
+  enable_compilation_cache(workdir)
+  start = time.time()
+  summaries = {}
+  for i, (name, config, variants, seeds) in enumerate(configs):
+    pop_dir = os.path.join(workdir, "populations", name)
+    print(f"[{i + 1}/{len(configs)}] population {name}: {len(variants)} variants x {count(len(seeds), 'seed')} "
+          f"({time.time() - start:.0f} s into this launch)", flush=True)
+    train_maze.train_and_evaluate(config, pop_dir)
+    for variant in variants:
+      for seed in seeds:
+        link = os.path.join(workdir, "runs", variant, f"seed{seed}")
+        target = os.path.abspath(os.path.join(pop_dir, "members", variant, f"seed{seed}"))
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        if os.path.islink(link):
+          os.remove(link)
+        elif os.path.exists(link):
+          raise ValueError(f"{link} holds a separate run; use another workdir for the population, or run "
+                           "this ablation with population=False.")
+        os.symlink(target, link)
+        summaries[f"{variant}/seed{seed}"] = read_summary(link)
+  return {name: summaries[name] for name in runs}
+
+
 def run_all(base: ml_collections.ConfigDict, workdir: str, runs: Mapping[str, Mapping[str, Any]],
-            share_sft: bool = True) -> dict[str, dict]:
-  """Runs every named variant (overrides of `base`) unless finished; returns {name: summary}."""
+            share_sft: bool = True, population: bool = False) -> dict[str, dict]:
+  """Runs every named variant (overrides of `base`) unless finished; returns {name: summary}.
+
+  population=True: as populations, one jitted program per table (`run_populations`); otherwise one run
+  after another, each seed's SFT shared through `sft.init_from`.
+  """
+  if population:
+    return run_populations(base, workdir, runs)
   configs = build_run_configs(base, runs)
   enable_compilation_cache(workdir)
   os.makedirs(workdir, exist_ok=True)

@@ -27,7 +27,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   seeds = list(config.seeds)
   variants = run_variants(config)
   objectives = list(variants)
-  summaries = common.run_all(config.base, workdir, common.seed_runs(variants, seeds))
+  summaries = common.run_all(config.base, workdir, common.seed_runs(variants, seeds),
+                             population=config.get("as_population", True))
   base = config.base
   steps_per_epoch = base.maze.train_examples // base.rollout.num_prompts
   k_max = max(base.eval.ks)

@@ -145,7 +145,7 @@ def run_variants(config: ml_collections.ConfigDict) -> dict[str, dict]:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   planned = run_variants(config)
   runs = common.seed_runs(planned, list(config.seeds))
-  summaries = common.run_all(config.base, workdir, runs)
+  summaries = common.run_all(config.base, workdir, runs, population=config.get("as_population", True))
   return report(config, workdir, summaries)
 
 

@@ -28,7 +28,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   seeds = list(config.seeds)
   variants = run_variants(config)
   ns, objectives = list(config.num_samples), list(config.objectives)
-  summaries = common.run_all(config.base, workdir, common.seed_runs(variants, seeds))
+  summaries = common.run_all(config.base, workdir, common.seed_runs(variants, seeds),
+                             population=config.get("as_population", True))
   k_max = max(config.base.eval.ks)
   keys = ["pass@1", f"pass@{k_max}", "fraction_solved"]
   rows, table = common.seed_table(summaries, list(variants), seeds, keys)

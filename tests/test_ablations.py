@@ -99,19 +99,17 @@ def test_objective_comparison_runs_and_skips_finished_runs(tmp_path, capsys):
     assert os.path.exists(os.path.join(workdir, name))
   summary = os.path.join(workdir, "runs", "self", "seed0", "summary.json")
   stamp = os.path.getmtime(summary)
-  # The runs of a seed share that seed's SFT policy.
+  # One population for the table; the runs of a seed share that seed's SFT policy.
+  with open(os.path.join(workdir, "populations", "all", "summary.json")) as f:
+    members = json.load(f)["members"]
+  assert [m["name"] for m in members] == ["self/seed0", "maxrl/seed0", "diff_smoothing/seed0"]
   for name in ("maxrl", "self"):
     with open(os.path.join(workdir, "runs", name, "seed0", "summary.json")) as f:
-      assert json.load(f)["sft_eval"] == payload_sft(workdir)
+      assert json.load(f)["sft_eval"] == members[0]["sft_eval"]
   capsys.readouterr()
   objectives_experiment.run(config, workdir)
-  assert "self/seed0: finished, skipped" in capsys.readouterr().out
+  assert "already holds this population, finished" in capsys.readouterr().out
   assert os.path.getmtime(summary) == stamp
-
-
-def payload_sft(workdir):
-  with open(os.path.join(workdir, "sft", "seed0", "summary.json")) as f:
-    return json.load(f)["eval"]
 
 
 @pytest.mark.parametrize("preset", ["cpu", "paper", "tiny"])
@@ -132,6 +130,10 @@ def test_every_run_of_every_ablation_preset_is_a_valid_config(preset):
 def test_a_bad_run_override_fails_before_anything_trains(tmp_path):
   config = maze_objectives.get_config("tiny")
   config.variants.pkpo.objective.k = 64  # > N = 4
+  with pytest.raises(ValueError, match="population member pkpo/seed0"):
+    objectives_experiment.run(config, str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, "populations"))
+  config.as_population = False  # One run after another: the same check, naming the run.
   with pytest.raises(ValueError, match="run 'pkpo/seed0'"):
     objectives_experiment.run(config, str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, "sft"))
