@@ -63,6 +63,14 @@ def maze_work(config: ml_collections.ConfigDict, workdir: str | None = None) -> 
   per_eval = int(config.eval.num_mazes) * int(config.eval.num_samples)
   work["samples per evaluation"] = (f"{_count(per_eval)} ({config.eval.num_mazes} held-out mazes x "
                                     f"{config.eval.num_samples}), up to {max_new} tokens each")
+  from maxrl_jax import population  # pylint: disable=import-outside-toplevel
+  if population.is_population(config):
+    members = population.members(config)
+    seeds = population.distinct_seeds(members)
+    work["population"] = (f"{len(members)} members, one jitted program: "
+                          + ", ".join(m.name for m in members[:6]) + (", ..." if len(members) > 6 else ""))
+    work["population work"] = (f"SFT above once per seed ({len(seeds)}); RL rollouts, tokens and evaluations "
+                               f"above for each of the {len(members)} members")
   return work
 
 

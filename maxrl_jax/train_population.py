@@ -139,6 +139,85 @@ def _sinks(config, workdir, members):
   return out
 
 
+class PopulationProgram:
+  """The stacked RL state and the one jitted RL step of a population (what the trainer and benchmarks run).
+
+  Attributes:
+    hyper: per-member values {"branch": [K] int32, <varying field>: [K]} placed on the member axis.
+    shared: {field: Python value} of the hyperparameters every member shares.
+    rl_like, rl_sharding: the stacked RL TrainState's shapes and shardings.
+  """
+
+  def __init__(self, config, members, model_fns, mesh, param_rules):
+    self.config, self.members, self.model_fns, self.mesh = config, members, model_fns, mesh
+    self.member_values = population_lib.stacked_sharding(mesh, len(members))
+    self.shared, varying = population_lib.member_hyperparameters(members)
+    branches, branch_index = population_lib.advantage_branches(members)
+    self.advantage = population_lib.make_advantage_fn(branches)
+    self.hyper = jax.device_put(
+        {"branch": jnp.asarray(branch_index), **{k: jnp.asarray(v) for k, v in varying.items()}},
+        self.member_values)
+    seeds = population_lib.distinct_seeds(members)
+    self.seed_index = np.asarray([seeds.index(m.seed) for m in members], np.int32)
+    params_like = jax.eval_shape(model_fns.init, jax.random.key(0))
+    stacked = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((len(seeds),) + x.shape, x.dtype), params_like)
+    self.rl_like = jax.eval_shape(self._init_rl, stacked, self.hyper)
+    self.rl_sharding = population_lib.stacked_shardings(self.rl_like, mesh, param_rules)
+
+  def _get(self, hp, field):
+    return hp[field] if field in hp else self.shared[field]
+
+  def member_tx(self, hp):
+    """The member's RL optimizer (AdamW with its learning rate, betas and weight decay)."""
+    return train_steps.adamw(self._get(hp, "rl.learning_rate"), self._get(hp, "rl.b1"), self._get(hp, "rl.b2"),
+                             self._get(hp, "rl.weight_decay"), self.config.rl.grad_clip)
+
+  def _init_rl(self, sft_params, hp):
+    params = jax.tree_util.tree_map(lambda x: x[self.seed_index], sft_params)  # Each member's seed's policy.
+    return jax.vmap(lambda p, h: train_steps.init_state(p, self.member_tx(h)))(params, hp)
+
+  def init_rl(self, sft_params):
+    """The stacked RL state from the SFT parameters stacked over distinct seeds [S, ...]."""
+    return jax.jit(self._init_rl, out_shardings=self.rl_sharding)(sft_params, self.hyper)
+
+  def make_rl_step(self, heldout_table, pool_grids=None):
+    """Jitted `rl_step(state, data_keys [K], sampling_keys [K], hyper, step, temperature)` (state donated).
+
+    Member k draws its mazes from `data_keys[k]` (fresh draws excluding `heldout_table`, or batches of the
+    fixed pool `pool_grids` in the epoch order of train_maze's pool) and samples with
+    `fold_in(sampling_keys[k], step)`, exactly as its single run does.
+    """
+    config, num_prompts, size = self.config, self.config.rollout.num_prompts, self.config.maze.size
+    rep = sharding.replicated(self.mesh)
+    if pool_grids is not None:
+      pool = jax.device_put(jnp.asarray(pool_grids), rep)
+      steps_per_epoch = len(pool_grids) // num_prompts
+
+      def draw(key, step):  # As train_maze._FixedTrainPool.batch.
+        epoch, within = (step - 1) // steps_per_epoch, (step - 1) % steps_per_epoch
+        perm = jax.random.permutation(jax.random.fold_in(key, epoch), pool.shape[0])
+        return pool[jax.lax.dynamic_slice_in_dim(perm, within * num_prompts, num_prompts)]
+    else:
+      def draw(key, step):
+        return maze.draw_training_mazes(jax.random.fold_in(key, step), num_prompts, size, heldout_table)[0]
+
+    def member_step(state, data_key, sampling_key, hp, step, temperature):
+      return train_steps.rl_step(
+          state, draw(data_key, step), jax.random.fold_in(sampling_key, step), temperature,
+          model_fns=self.model_fns, tx=self.member_tx(hp), prompt_fn=maze.encode_prompts,
+          verifier=maze.verify_groups, advantage_fn=lambda rewards: self.advantage(rewards, hp["branch"]),
+          num_samples=config.rollout.num_samples, max_new_tokens=config.rollout.max_new_tokens,
+          stop_tokens=train_maze.STOP_TOKENS, reduction=config.objective.reduction,
+          entropy_coef=self._get(hp, "objective.entropy_coef"),
+          smoothing_gamma=self._get(hp, "objective.smoothing_gamma"),
+          self_filter=self._get(hp, "objective.self_filter"))
+
+    values = self.member_values
+    return jax.jit(jax.vmap(member_step, in_axes=(0, 0, 0, 0, None, None)), donate_argnums=0,
+                   in_shardings=(self.rl_sharding, values, values, values, rep, rep),
+                   out_shardings=(self.rl_sharding, rep))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the population's SFT and RL; returns the summary written to <workdir>/summary.json."""
   sharding.initialize_distributed(config.get("mesh"))
@@ -172,7 +251,6 @@ def _train_and_evaluate(config, workdir, members, mesh) -> dict:
   keys = {s: _seed_keys(s) for s in seeds}
   stack = lambda which, seed_list: jnp.stack([keys[s][which] for s in seed_list])
   member_seeds = [m.seed for m in members]
-  seed_index = np.asarray([seeds.index(s) for s in member_seeds], np.int32)
   rep = sharding.replicated(mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   member_values = population_lib.stacked_sharding(mesh, num_members)
@@ -207,27 +285,10 @@ def _train_and_evaluate(config, workdir, members, mesh) -> dict:
   sft_like = jax.eval_shape(init_sft, keys[seeds[0]][_KEY_INIT])
   sft_sharding = sharding.tree_shardings(sft_like, mesh, param_rules)
 
-  shared, varying = population_lib.member_hyperparameters(members)
-  branches, branch_index = population_lib.advantage_branches(members)
-  advantage = population_lib.make_advantage_fn(branches)
-  hyper = {"branch": jnp.asarray(branch_index), **{k: jnp.asarray(v) for k, v in varying.items()}}
-  hyper = jax.device_put(hyper, member_values)
-
-  def member_tx(hp):
-    get = lambda field: hp[field] if field in hp else shared[field]
-    return train_steps.adamw(get("rl.learning_rate"), get("rl.b1"), get("rl.b2"), get("rl.weight_decay"),
-                             config.rl.grad_clip)
-
-  def init_rl(sft_params, hp):
-    params = jax.tree_util.tree_map(lambda x: x[seed_index], sft_params)  # Each member's seed's policy.
-    return jax.vmap(lambda p, h: train_steps.init_state(p, member_tx(h)))(params, hp)
-
-  stacked_sft_params = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct((len(seeds),) + x.shape, x.dtype), sft_like.params)
-  rl_like = jax.eval_shape(init_rl, stacked_sft_params, hyper)
-  rl_sharding = population_lib.stacked_shardings(rl_like, mesh, param_rules)
+  program = PopulationProgram(config, members, model_fns, mesh, param_rules)
+  hyper, rl_sharding = program.hyper, program.rl_sharding
   rl_abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                       rl_like, rl_sharding)
+                                       program.rl_like, rl_sharding)
 
   # ---------------------------------------------------------------- eval
   eval_body = functools.partial(
@@ -280,43 +341,18 @@ def _train_and_evaluate(config, workdir, members, mesh) -> dict:
             annotate=lambda record, step, seed=seed: record.update(seed=seed))
       sft_params.append(state.params)
     stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *sft_params)
-    rl_state = jax.jit(init_rl, out_shardings=rl_sharding)(stacked, hyper)
+    rl_state = program.init_rl(stacked)
     del sft_params, stacked
 
   # ---------------------------------------------------------------- RL
-  num_prompts = config.rollout.num_prompts
   pool_grids = None
   if config.maze.train_data == "fixed":
     pool_grids = load_split("train")
     if int(maze.count_in_table(jnp.asarray(pool_grids), heldout_table)):
       raise ValueError(f"The fixed training pool under {data_dir} holds held-out mazes; it was written by an "
                        "older version of the dataset. Delete that directory to rebuild it.")
-    pool = jax.device_put(jnp.asarray(pool_grids), rep)
-    steps_per_epoch = len(pool_grids) // num_prompts
-
-    def draw(key, step):  # As train_maze._FixedTrainPool.batch.
-      epoch, within = (step - 1) // steps_per_epoch, (step - 1) % steps_per_epoch
-      perm = jax.random.permutation(jax.random.fold_in(key, epoch), pool.shape[0])
-      return pool[jax.lax.dynamic_slice_in_dim(perm, within * num_prompts, num_prompts)]
-  else:
-    pool = None
-
-    def draw(key, step):
-      return maze.draw_training_mazes(jax.random.fold_in(key, step), num_prompts, size, heldout_table)[0]
-
-  def member_step(state, data_key, sampling_key, hp, step, temperature):
-    get = lambda field: hp[field] if field in hp else shared[field]
-    return train_steps.rl_step(
-        state, draw(data_key, step), jax.random.fold_in(sampling_key, step), temperature,
-        model_fns=model_fns, tx=member_tx(hp), prompt_fn=maze.encode_prompts, verifier=maze.verify_groups,
-        advantage_fn=lambda rewards: advantage(rewards, hp["branch"]), num_samples=config.rollout.num_samples,
-        max_new_tokens=config.rollout.max_new_tokens, stop_tokens=train_maze.STOP_TOKENS,
-        reduction=config.objective.reduction, entropy_coef=get("objective.entropy_coef"),
-        smoothing_gamma=get("objective.smoothing_gamma"), self_filter=get("objective.self_filter"))
-
-  rl_step = jax.jit(jax.vmap(member_step, in_axes=(0, 0, 0, 0, None, None)), donate_argnums=0,
-                    in_shardings=(rl_sharding, member_values, member_values, member_values, rep, rep),
-                    out_shardings=(rl_sharding, rep))
+    steps_per_epoch = len(pool_grids) // config.rollout.num_prompts
+  rl_step = program.make_rl_step(heldout_table, pool_grids)
   data_keys = jax.device_put(stack(_KEY_RL_DATA, member_seeds), member_values)
   sampling_keys = jax.device_put(stack(_KEY_RL_SAMPLING, member_seeds), member_values)
   temperature = jnp.float32(config.rollout.temperature)
@@ -332,7 +368,7 @@ def _train_and_evaluate(config, workdir, members, mesh) -> dict:
       records.write(record)
 
   def annotate(record, step):
-    if pool is not None:
+    if pool_grids is not None:
       record["epoch"] = (step - 1) // steps_per_epoch
 
   rl_state = training_loop.run_phase(

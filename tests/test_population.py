@@ -263,3 +263,25 @@ def test_population_config_is_the_one_the_checks_use():
   config = population_checks.sharding_config()
   assert len(population.members(config)) == 8
   train_maze.validate_config(config)
+
+
+def test_dry_run_lists_the_members():
+  from maxrl_jax import dry_run  # pylint: disable=import-outside-toplevel
+  config = tiny()
+  config.population.objectives = ("maxrl", "grpo")
+  config.population.seeds = (0, 1, 2)
+  work = dry_run.maze_work(config)
+  assert work["population"].startswith("6 members, one jitted program: maxrl/seed0, maxrl/seed1")
+  assert "once per seed (3)" in work["population work"]
+
+
+def test_population_benchmark_runs_at_toy_size(tmp_path):
+  sys.path.insert(0, os.path.join(REPO, "scripts"))
+  import bench_population  # pylint: disable=import-outside-toplevel
+  report = bench_population.main(["--preset=tiny", "--sizes=1,2", "--steps=1", f"--out={tmp_path / 'b.json'}"])
+  assert [row["members"] for row in report["populations"]] == [1, 2]
+  assert report["populations"][1]["labels"] == ["maxrl/seed0", "grpo/seed0"]
+  assert set(report["single_runs"]) == {"maxrl", "grpo"}
+  for row in report["populations"]:
+    assert row["step_s"] > 0 and row["separate_runs_step_s"] > 0
+  assert json.loads((tmp_path / "b.json").read_text()) == json.loads(json.dumps(report))
