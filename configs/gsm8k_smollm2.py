@@ -78,8 +78,15 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.rollout.num_samples = 128  # N.
   cfg.rollout.max_new_tokens = 2048  # Response cap.
   cfg.rollout.temperature = 1.0  # Training temperature (the paper: 1.0).
-  cfg.rollout.prompt_chunk = 2  # Prompts per sampling call: KV cache = chunk x N x max_new_tokens tokens.
+  # Prompts per sampling call (KV cache: chunk x N x max_new_tokens tokens); 0: the most that fit the device's
+  # memory (the memory plan, cfg.memory). The call's key is fold_in(step key, chunk index), so the rollouts
+  # drawn depend on the chunk size.
+  cfg.rollout.prompt_chunk = 0
   cfg.rollout.length_bucket = 256  # The update runs on responses cut to the longest, rounded up to this.
+  # 0: static batching, each call decodes prompt_chunk x N rows until its longest rollout stops. S > 0:
+  # in-flight batching (maxrl_jax/inflight_sampling.py), S rows per call, each refilled with the call's next
+  # rollout as soon as its rollout finishes (one device only; rollouts keyed by their prompt's row in the step).
+  cfg.rollout.inflight_slots = 0
 
   # Verifier: the last \boxed{...} compared with the reference (numbers exactly, sympy otherwise).
   cfg.verifier = ml_collections.ConfigDict()
@@ -117,8 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.rl.b2 = 0.999
   cfg.rl.weight_decay = 0.01
   cfg.rl.grad_clip = 1.0
-  cfg.rl.micro_batch_prompts = 1  # Gradient accumulation: prompts x rollouts per micro-batch.
-  cfg.rl.micro_batch_rollouts = 8
+  # Gradient accumulation: prompts x rollouts per micro-batch; 0: the most rollouts that fit (memory plan).
+  cfg.rl.micro_batch_prompts = 0
+  cfg.rl.micro_batch_rollouts = 0
 
   # Held-out evaluation: pass@k from num_samples samples per problem (unbiased), majority vote.
   cfg.eval = ml_collections.ConfigDict()
@@ -148,6 +156,16 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.mesh.coordinator_address = ""
   cfg.mesh.num_processes = -1
   cfg.mesh.process_id = -1
+
+  # Memory plan (maxrl_jax/memory_plan.py), before any weight is read or anything compiled: the bytes per
+  # device of an RL step (parameters, AdamW state, the step's rollouts, the sampler's KV caches per call, the
+  # update's activations per micro-batch) and of an evaluation call, printed; a config over the budget is
+  # refused with the numbers and the fields to change. Batch sizes left at 0 (rollout.prompt_chunk,
+  # rl.micro_batch_prompts, rl.micro_batch_rollouts) are chosen from it: the largest that fit.
+  cfg.memory = ml_collections.ConfigDict()
+  cfg.memory.device_bytes = 0  # Budget per device; 0: the device's limit (a CPU reports none: no check).
+  cfg.memory.reserve_bytes = 2**30  # Set aside per device for the runtime, libraries and fragmentation.
+  cfg.memory.enforce = True  # False: print what does not fit, and run anyway (the plan is an estimate).
 
   # Where the metrics go besides <workdir>/metrics.jsonl (and the PNG curves written at the end).
   cfg.logging = ml_collections.ConfigDict()

@@ -55,14 +55,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.rollout.num_samples = 16
   cfg.rollout.max_new_tokens = 4096
   cfg.rollout.temperature = 1.0
-  # KV cache: 4 x 16 x 4096 response tokens x 112 KiB (1.7B, bf16) ~ 28 GiB, plus 4 prefix-shared prompts.
-  cfg.rollout.prompt_chunk = 4
+  cfg.rollout.prompt_chunk = 0  # The most prompts per call that fit (memory plan; see docs/language_models.md).
   cfg.rollout.length_bucket = 512
 
   cfg.rl.steps = 1000
   cfg.rl.learning_rate = 1e-6
-  cfg.rl.micro_batch_prompts = 1
-  cfg.rl.micro_batch_rollouts = 2  # float32 logits of 2 x 4096 x 151936 ~ 5 GiB per micro-batch.
+  cfg.rl.micro_batch_prompts = 0  # The most rollouts per micro-batch that fit (memory plan).
+  cfg.rl.micro_batch_rollouts = 0
   cfg.rl.grad_clip = 0.3  # Official: actor_rollout_ref.actor.grad_clip=0.3.
 
   cfg.eval.num_problems = 0
@@ -80,8 +79,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if preset == "paper":
     pass
   elif preset == "4b":
-    cfg.rollout.prompt_chunk = 2
-    cfg.rl.micro_batch_rollouts = 1
     cfg.eval.samples_per_call = 16
   elif preset == "tiny":
     gsm8k_smollm2.apply_tiny(cfg, "qwen3")

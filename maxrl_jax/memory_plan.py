@@ -281,6 +281,30 @@ def sampling_bytes(config: decoder.DecoderConfig, prompts: int, rollouts: int, p
           "sampling_transient": int(suffix / c.num_layers + max(step, prefill) + loop_buffers)}
 
 
+def inflight_sampling_bytes(config: decoder.DecoderConfig, prompts: int, rollouts: int, slots: int,
+                            prompt_len: int, max_new_tokens: int) -> dict:
+  """Bytes of one in-flight sampling call (`maxrl_jax.inflight_sampling`) on one device: `prompts` x `rollouts`
+  rollouts decoded in `slots` rows refilled as rollouts finish.
+
+  Caches: the prefix caches of the call's prompts [prompts, L] plus each slot's copy [slots, L], and the
+  slots' suffix caches [slots, M]. Transient: one layer's suffix cache (a copy XLA made with the decoder's
+  [P, N, M, K, D] suffix layout and not with [P, N, K, M, D]: counted, to keep a margin), a refill's gathered
+  prefixes [slots, L], the larger of a `slots`-row decode step's buffers (as in `sampling_bytes`) and the
+  prompts' prefill, and the outputs of every rollout (tokens int32 and log-probs float32 [prompts rollouts,
+  M], carry and result).
+  """
+  c = config
+  kv = kv_bytes_per_token(c)
+  step = (_STEP_SCORE_COPIES * slots * c.num_heads * (prompt_len + max_new_tokens) * 4
+          + _STEP_LOGIT_COPIES * slots * c.vocab_size * 4)
+  prefill = (_STEP_SCORE_COPIES * prompts * c.num_heads * prompt_len * prompt_len * 4
+             + prompts * prompt_len * (4 * c.hidden_size + 3 * c.ffn_size) * _itemsize(c.dtype))
+  outputs = 2 * prompts * rollouts * max_new_tokens * (4 + 4)
+  return {"prefix_cache": int((prompts + slots) * prompt_len * kv), "suffix_cache": int(slots * max_new_tokens * kv),
+          "sampling_transient": int(slots * max_new_tokens * kv / c.num_layers + slots * prompt_len * kv
+                                    + max(step, prefill) + outputs)}
+
+
 def update_bytes(config: decoder.DecoderConfig, prompts: int, rollouts: int, prompt_len: int,
                  max_new_tokens: int, keep_scores: bool = True) -> dict:
   """Activation and logits bytes of one update micro-batch of `prompts` x `rollouts` on one device.

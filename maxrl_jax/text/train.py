@@ -35,6 +35,7 @@ the same prompts and keys as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import time
@@ -51,6 +52,8 @@ import tqdm
 
 from maxrl_jax import checkpoints
 from maxrl_jax import estimators
+from maxrl_jax import inflight_sampling
+from maxrl_jax import memory_plan
 from maxrl_jax import metrics as metrics_lib
 from maxrl_jax import plots
 from maxrl_jax import run_logging
@@ -68,6 +71,9 @@ from maxrl_jax.text import tokenizer as tokenizer_lib
 
 # Independent key streams derived from config.seed.
 _KEY_SFT, _KEY_RL_SAMPLING, _KEY_EVAL = range(3)
+
+# Batch sizes that may be 0 in a config: then chosen from the memory plan (`plan_memory`).
+AUTO_SIZES = ("rollout.prompt_chunk", "rl.micro_batch_prompts", "rl.micro_batch_rollouts")
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -99,8 +105,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail("data.answer_format", f"{config.data.answer_format!r}; allowed: {list(data_lib.ANSWER_FORMATS)}.")
   if config.verifier.answer_mode not in math_verifier.ANSWER_MODES:
     fail("verifier.answer_mode", f"{config.verifier.answer_mode!r}; allowed: {list(math_verifier.ANSWER_MODES)}.")
-  positive_ints = ["rollout.num_prompts", "rollout.num_samples", "rollout.max_new_tokens", "rollout.prompt_chunk",
-                   "rollout.length_bucket", "rl.micro_batch_prompts", "rl.micro_batch_rollouts",
+  positive_ints = ["rollout.num_prompts", "rollout.num_samples", "rollout.max_new_tokens",
+                   "rollout.length_bucket",
                    "data.max_prompt_tokens", "data.prompt_bucket", "eval.num_samples", "eval.samples_per_call",
                    "eval.prompt_chunk", "eval.max_new_tokens", "eval.every_steps", "log_every_steps",
                    "checkpoint_every_steps", "keep_checkpoints", "verifier.num_threads"]
@@ -110,7 +116,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = get(field)
     if isinstance(value, bool) or int(value) != value or value < 1:
       fail(field, f"{value!r} must be an integer >= 1.")
-  for field in ("sft.steps", "rl.steps", "eval.num_problems", "data.train_limit"):
+  for field in ("sft.steps", "rl.steps", "eval.num_problems", "data.train_limit",
+                # 0: chosen from the memory plan (see plan_memory).
+                *AUTO_SIZES, "memory.device_bytes", "memory.reserve_bytes", "rollout.inflight_slots"):
     value = get(field)
     if isinstance(value, bool) or int(value) != value or value < 0:
       fail(field, f"{value!r} must be an integer >= 0.")
@@ -125,7 +133,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                ("rl.micro_batch_rollouts", "rollout.num_samples"), ("eval.samples_per_call", "eval.num_samples"),
                ("log_every_steps", "checkpoint_every_steps")]
   for small, large in divisible:
-    if get(large) % get(small):
+    if get(small) and get(large) % get(small):
       fail(small, f"{get(small)} must divide {large}={get(large)}.")
   for k in config.eval.ks:
     if not 1 <= k <= config.eval.num_samples:
@@ -148,6 +156,198 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail("objective.reduction", f"{config.objective.reduction!r}; allowed: {list(estimators.REDUCTIONS)}.")
   if config.objective.entropy_coef < 0:
     fail("objective.entropy_coef", f"{config.objective.entropy_coef!r} must be >= 0.")
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryChoice:
+  """The batch sizes an RL run uses and their memory plan (`plan_memory`).
+
+  Attributes:
+    prompt_chunk: prompts per sampling call (with all their N rollouts): rollout.prompt_chunk, or chosen.
+    micro_batch: (prompts, rollouts) per update micro-batch: rl.micro_batch_prompts / _rollouts, or chosen.
+    chosen: the config fields that were 0 and were chosen from the plan.
+    plan: `memory_plan.MemoryPlan` of one RL step per device (sampling, then the update).
+    eval_bytes: peak bytes per device of one evaluation call (state, reserve, the caches of eval.prompt_chunk
+      x eval.samples_per_call rollouts of eval.max_new_tokens).
+    over_budget: "" when everything fits the budget, else what does not and the fix (the ValueError's text).
+  """
+
+  prompt_chunk: int
+  micro_batch: tuple[int, int]
+  chosen: tuple[str, ...]
+  plan: memory_plan.MemoryPlan
+  eval_bytes: int
+  over_budget: str = ""
+
+  def describe(self) -> str:
+    chosen = f" (chosen: {', '.join(self.chosen)})" if self.chosen else ""
+    return (f"rollout.prompt_chunk={self.prompt_chunk}, rl.micro_batch_prompts={self.micro_batch[0]}, "
+            f"rl.micro_batch_rollouts={self.micro_batch[1]}{chosen}. RL step: {self.plan.describe()}. "
+            f"Evaluation call: {_gib(self.eval_bytes)} per device.")
+
+
+def _gib(num_bytes: int) -> str:
+  return f"{num_bytes / memory_plan.GiB:.2f} GiB"
+
+
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _by_size(options: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+  """(prompts, rollouts) pairs, most rollouts first, fewest prompts among equals."""
+  return sorted(options, key=lambda pn: (-pn[0] * pn[1], pn[0]))
+
+
+def plan_memory(config: ml_collections.ConfigDict, model_config: decoder.DecoderConfig, *,
+                mesh_shape: tuple[int, int] = (1, 1), device_bytes: int | None = None,
+                enforce: bool = True) -> MemoryChoice:
+  """Chooses or checks the sampling call and update micro-batch sizes against a per-device memory budget.
+
+  The workload is the config's worst case: P = rollout.num_prompts prompts x N = rollout.num_samples
+  rollouts, prompts of L = data.max_prompt_tokens tokens, responses of M = rollout.max_new_tokens
+  (`maxrl_jax.memory_plan.estimate` says what is counted, with config.memory.reserve_bytes set aside). Per
+  device, the step holds state + rollouts + reserve throughout, plus the sampler's caches while sampling and
+  the micro-batch's activations while updating; an evaluation call holds state + reserve + its caches.
+
+  Sizes set in the config are checked; sizes set to 0 (`AUTO_SIZES`) are chosen: the most prompts per
+  sampling call (a multiple of the devices dividing P), then the most rollouts per micro-batch (fewest
+  prompts among equals) that fit `device_bytes`. Without a budget (None: a CPU) nothing is checked and the
+  sizes left to choose are the smallest (one prompt per device per call, one rollout per micro-batch).
+
+  Args:
+    config: the text trainer's config. model_config: the policy (from the checkpoint's config.json).
+    mesh_shape: (data, fsdp) devices; prompts are split over both, parameters over fsdp.
+    device_bytes: the budget per device in bytes, or None.
+    enforce: raise when over the budget (else the result's `over_budget` says what does not fit).
+
+  Returns:
+    `MemoryChoice`. With `enforce`, raises a ValueError naming each part that does not fit, its bytes, and
+    the config fields to change, with values that fit.
+  """
+  data, fsdp = mesh_shape
+  shards = data * fsdp
+  r, e = config.rollout, config.eval
+  num_prompts, num_samples, prompt_len = r.num_prompts, r.num_samples, config.data.max_prompt_tokens
+  workload = memory_plan.Workload(num_prompts, num_samples, prompt_len, r.max_new_tokens)
+  reserve = int(config.memory.reserve_bytes) if device_bytes else 0
+  prompt_options = [p for p in _divisors(num_prompts) if p % shards == 0]
+  if not prompt_options:
+    raise ValueError(f"config.rollout.num_prompts={num_prompts} does not split over the {shards} devices of the "
+                     f"mesh (data {data} x fsdp {fsdp}): use a multiple of {shards}.")
+
+  def with_sampler(plan, prompts, rollouts, max_new_tokens):
+    """The plan with in-flight sampling's caches when rollout.inflight_slots is set (one device)."""
+    if not r.inflight_slots:
+      return plan
+    return dataclasses.replace(plan, **memory_plan.inflight_sampling_bytes(
+        model_config, prompts // shards, rollouts, r.inflight_slots, prompt_len, max_new_tokens))
+
+  def estimate(chunk, micro_batch):
+    return with_sampler(memory_plan.estimate(
+        model_config, workload, sample_chunk=(chunk, num_samples), micro_batch=micro_batch, mesh=mesh_shape,
+        device_bytes=device_bytes, reserve_bytes=reserve), chunk, num_samples, r.max_new_tokens)
+
+  def held(plan):  # Held through the whole step.
+    return plan.state + plan.rollouts + plan.reserve
+
+  def sampling_fits(chunk, micro_batch):
+    plan = estimate(chunk, micro_batch)
+    return held(plan) + plan.sampling_peak <= device_bytes
+
+  def update_fits(chunk, micro_batch):
+    plan = estimate(chunk, micro_batch)
+    return held(plan) + plan.update_peak <= device_bytes
+
+  all_micro = _by_size((p, n) for p in prompt_options for n in _divisors(num_samples))
+  chunks = [r.prompt_chunk] if r.prompt_chunk else prompt_options[::-1]  # largest first
+  micro_options = [(p, n) for p, n in all_micro
+                   if p == (config.rl.micro_batch_prompts or p) and n == (config.rl.micro_batch_rollouts or n)]
+  if not micro_options:  # A fixed size the mesh does not divide: validate_config / check_batch_sizes name it.
+    micro_options = [(config.rl.micro_batch_prompts or shards, config.rl.micro_batch_rollouts or 1)]
+  if device_bytes is None:
+    chunk, micro_batch = chunks[-1], micro_options[-1]
+  else:
+    chunk = next((c for c in chunks if sampling_fits(c, micro_options[-1])), chunks[-1])
+    micro_batch = next((mb for mb in micro_options if update_fits(chunk, mb)), micro_options[-1])
+  plan = estimate(chunk, micro_batch)
+  chosen = tuple(field for field, value in zip(AUTO_SIZES, (r.prompt_chunk, config.rl.micro_batch_prompts,
+                                                            config.rl.micro_batch_rollouts)) if not value)
+  eval_samples = min(e.samples_per_call, e.num_samples)
+
+  def eval_total(samples_per_call):
+    prompts = _round_up(e.prompt_chunk, shards)  # check_batch_sizes refuses a chunk the devices do not divide.
+    eval_plan = with_sampler(memory_plan.estimate(
+        model_config, memory_plan.Workload(prompts, samples_per_call, prompt_len, e.max_new_tokens),
+        mesh=mesh_shape, reserve_bytes=reserve), prompts, samples_per_call, e.max_new_tokens)
+    return eval_plan.state + eval_plan.reserve + eval_plan.sampling_peak
+
+  choice = MemoryChoice(prompt_chunk=chunk, micro_batch=micro_batch, chosen=chosen, plan=plan,
+                        eval_bytes=eval_total(eval_samples))
+  if device_bytes is None:
+    return choice
+
+  problems, fixes = [], []
+  if held(plan) > device_bytes:
+    problems.append(f"parameters, AdamW state and the step's rollouts alone take {_gib(held(plan))}")
+  if held(plan) + plan.sampling_peak > device_bytes:
+    problems.append(f"sampling {chunk} prompts x {num_samples} rollouts of up to {r.max_new_tokens} tokens per call "
+                    f"(rollout.prompt_chunk={chunk}) needs {_gib(held(plan) + plan.sampling_peak)}")
+    smaller = [c for c in prompt_options if c < chunk and sampling_fits(c, micro_batch)]
+    if smaller:
+      fixes.append(f"--config.rollout.prompt_chunk={smaller[-1]}")
+  if held(plan) + plan.update_peak > device_bytes:
+    problems.append(f"the update's micro-batch of {micro_batch[0]} prompts x {micro_batch[1]} rollouts "
+                    f"(rl.micro_batch_prompts x rl.micro_batch_rollouts) needs {_gib(held(plan) + plan.update_peak)}")
+    smaller = [mb for mb in all_micro if mb[0] * mb[1] < micro_batch[0] * micro_batch[1] and update_fits(chunk, mb)]
+    if smaller:
+      fixes.append(f"--config.rl.micro_batch_prompts={smaller[0][0]} --config.rl.micro_batch_rollouts={smaller[0][1]}")
+  if choice.eval_bytes > device_bytes:
+    problems.append(f"an evaluation call of eval.prompt_chunk={e.prompt_chunk} prompts x eval.samples_per_call="
+                    f"{eval_samples} rollouts of up to {e.max_new_tokens} tokens needs {_gib(choice.eval_bytes)}")
+    smaller = [n for n in _divisors(e.num_samples) if n < eval_samples and eval_total(n) <= device_bytes]
+    if smaller:
+      fixes.append(f"--config.eval.samples_per_call={smaller[-1]}")
+  if not problems:
+    return choice
+  if len(fixes) < len(problems):  # Something does not fit even at its smallest size.
+    fixes.append("split the parameters over more devices (fsdp: --config.mesh.shape, e.g. \"(-1,2)\") or the "
+                 "prompts over more devices, shorten --config.rollout.max_new_tokens / --config.eval.max_new_tokens, "
+                 "or use a card with more memory")
+  message = (f"Over the device memory budget of {_gib(device_bytes)} per device (config.memory.device_bytes, 0: the "
+             f"device's own limit): {'; '.join(problems)}. Fix: {'; '.join(fixes)} (0 for rollout.prompt_chunk, "
+             f"rl.micro_batch_prompts or rl.micro_batch_rollouts chooses the largest that fits; "
+             f"--config.memory.enforce=False runs anyway). Plan: {plan.describe()}")
+  if enforce:
+    raise ValueError(message)
+  return dataclasses.replace(choice, over_budget=message)
+
+
+def device_memory_budget(config: ml_collections.ConfigDict) -> int | None:
+  """config.memory.device_bytes, or else the first device's limit (`memory_stats()["bytes_limit"]`); None
+  when neither is known (a CPU reports none)."""
+  if config.memory.device_bytes:
+    return int(config.memory.device_bytes)
+  stats = jax.devices()[0].memory_stats() or {}
+  return int(stats["bytes_limit"]) if stats.get("bytes_limit") else None
+
+
+def check_memory(config: ml_collections.ConfigDict, model_config: decoder.DecoderConfig,
+                 mesh_shape: tuple[int, int]) -> MemoryChoice:
+  """`plan_memory` with the device's budget, before anything is compiled: prints the plan when there is a
+  budget (nothing on a CPU), refuses a config over it (ValueError) unless config.memory.enforce is False
+  (then prints why), and returns the sizes to use."""
+  budget = device_memory_budget(config)
+  choice = plan_memory(config, model_config, mesh_shape=mesh_shape, device_bytes=budget,
+                       enforce=config.memory.enforce)
+  if budget is not None and sharding.is_chief():
+    print(f"memory plan: {choice.describe()}", flush=True)
+    if choice.over_budget:
+      print(f"memory plan (config.memory.enforce=False, running anyway): {choice.over_budget}", flush=True)
+  return choice
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -279,10 +479,13 @@ class Sampler:
     prompt_bucket, max_prompt_tokens: prompt widths are multiples of the bucket, capped.
     zero_truncated: score 0 for responses whose length reaches the call's token cap (max_new_tokens),
       stopped or not, as the official GSM8K runs do (verl: valid response length >= max response length).
+    inflight_slots: 0: static batching (`sampling.sample_rollouts`: a call's prompts x N rows decode together
+      until the longest rollout stops); S > 0: in-flight batching (`inflight_sampling.sample_rollouts_inflight`:
+      S rows, each refilled with the call's next rollout as soon as its rollout finishes; one device).
   """
 
   def __init__(self, model_fns, tokenizer, verifier, *, mesh, params_sharding, stop_tokens, pad_id, prompt_bucket,
-               max_prompt_tokens, zero_truncated: bool):
+               max_prompt_tokens, zero_truncated: bool, inflight_slots: int = 0):
     self.model_fns = model_fns
     self.mesh = mesh
     self.params_sharding = params_sharding
@@ -294,6 +497,11 @@ class Sampler:
     self.prompt_bucket = prompt_bucket
     self.max_prompt_tokens = max_prompt_tokens
     self.zero_truncated = zero_truncated
+    self.inflight_slots = inflight_slots
+    if inflight_slots and sharding.num_batch_shards(mesh) > 1:
+      raise ValueError(f"config.rollout.inflight_slots={inflight_slots}: in-flight sampling runs on one device, and "
+                       f"the mesh has {sharding.num_batch_shards(mesh)} batch shards ({sharding.describe(mesh)}). "
+                       "Set config.rollout.inflight_slots=0 (static batching) or run on one device.")
 
   def pad(self, token_lists):
     return pad_prompts(token_lists, self.prompt_bucket, self.max_prompt_tokens, self.pad_id)
@@ -303,9 +511,19 @@ class Sampler:
     batch = sharding.batch_sharding(self.mesh)
     return jax.tree_util.tree_map(lambda x: sharding.shard_global_array(x, batch), prompts)
 
-  def sample(self, params, prompts, key, *, num_samples, max_new_tokens, temperature, top_p=None):
-    """Dispatches (asynchronously) one sampling call on host prompts; returns device Rollouts."""
+  def sample(self, params, prompts, key, *, num_samples, max_new_tokens, temperature, top_p=None, prompt_ids=None):
+    """Dispatches (asynchronously) one sampling call on host prompts; returns device Rollouts.
+
+    In-flight sampling draws rollout n of prompt p with fold_in(fold_in(key, prompt_ids[p]), n) (prompt_ids
+    default 0..P-1); static sampling uses `key` for the whole call and ignores prompt_ids.
+    """
     top_p = None if top_p in (None, 1.0) else float(top_p)
+    if self.inflight_slots:
+      return inflight_sampling.sample_rollouts_inflight(
+          self.model_fns, params, self.place(prompts), key, num_rollouts=num_samples,
+          max_new_tokens=max_new_tokens, num_slots=self.inflight_slots, temperature=temperature,
+          stop_tokens=self.stop_tokens, top_p=top_p, pad_id=self.pad_id,
+          prompt_ids=None if prompt_ids is None else jnp.asarray(prompt_ids, jnp.int32))
     options = (num_samples, max_new_tokens, top_p)
     if options not in self._samplers:
       self._samplers[options] = sharding.make_sharded_sampler(
@@ -486,6 +704,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
   if config.sft.steps:
     batch_sizes["sft.batch_size"] = config.sft.batch_size
   sharding.check_batch_sizes(mesh, batch_sizes)
+  if config.rollout.inflight_slots and sharding.num_batch_shards(mesh) > 1:
+    raise ValueError(f"config.rollout.inflight_slots={config.rollout.inflight_slots}: in-flight sampling runs on one "
+                     f"device, and the mesh is {sharding.describe(mesh)}. Set config.rollout.inflight_slots=0 "
+                     "(static batching) or run on one device.")
   batch_sharding = sharding.batch_sharding(mesh)
   if sharding.is_chief():  # Run files are written once; orbax coordinates the checkpoints itself.
     run_logging.check_or_write_config(workdir, config.to_dict())
@@ -509,6 +731,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
   # The parameters' shardings come from the rules (paths as in the TrainState, "params/..."), and every
   # tensor is read from the checkpoint straight into its shards.
   model_config = hf_loading.load_pretrained_config(model_path, **load_kwargs)
+  # The memory plan, before any weight is read or anything compiled: refuses a config over the budget and
+  # fills in the batch sizes left at 0.
+  memory = check_memory(config, model_config, (mesh.shape.get("data", 1), mesh.shape.get("fsdp", 1)))
+  sharding.check_batch_sizes(mesh, {"rollout.prompt_chunk": memory.prompt_chunk,
+                                    "rl.micro_batch_prompts": memory.micro_batch[0]})
   params_sharding = sharding.tree_shardings(
       {"params": decoder.param_shapes(model_config)}, mesh, param_rules)["params"]
   model, params = hf_loading.load_pretrained(model_path, shardings=params_sharding, **load_kwargs)
@@ -545,7 +772,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
   sampler = Sampler(model_fns, tokenizer, verifier, mesh=mesh, params_sharding=params_sharding,
                     stop_tokens=stop_tokens, pad_id=tokenizer.pad_id,
                     prompt_bucket=config.data.prompt_bucket, max_prompt_tokens=config.data.max_prompt_tokens,
-                    zero_truncated=config.verifier.zero_truncated)
+                    zero_truncated=config.verifier.zero_truncated, inflight_slots=config.rollout.inflight_slots)
   evaluate_with = functools.partial(
       evaluate, sampler, prompt_tokens=eval_tokens, answers=[p.answer for p in eval_problems],
       key=keys[_KEY_EVAL], prompt_chunk=config.eval.prompt_chunk, max_new_tokens=config.eval.max_new_tokens,
@@ -623,7 +850,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
       model_fns, rl_tx,
       advantage_fn=estimators.get_advantage_fn(objective.name, **estimators.kwargs_from_config(objective)),
       reduction=objective.reduction, entropy_coef=objective.entropy_coef,
-      micro_batch_prompts=config.rl.micro_batch_prompts, micro_batch_rollouts=config.rl.micro_batch_rollouts,
+      micro_batch_prompts=memory.micro_batch[0], micro_batch_rollouts=memory.micro_batch[1],
       num_shards=sharding.num_batch_shards(mesh), state_sharding=state_sharding, batch_sharding=batch_sharding)
 
   evals = {r["step"]: r for r in records.records if r.get("phase") == "eval"}
@@ -633,7 +860,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
 
   order = _EpochOrder(len(train_problems), config.rollout.num_prompts, config.seed)
   temperature = jnp.float32(config.rollout.temperature)
-  chunk = config.rollout.prompt_chunk
+  chunk = memory.prompt_chunk
 
   def rl_step(state, step):
     """Samples in prompt chunks (verifying chunk c on the host while chunk c+1 samples), then updates."""
@@ -646,9 +873,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
     sample_start = time.time()
 
     def dispatch(c):
+      # In-flight sampling keys each rollout by its prompt's row in the step: the draws do not depend on the
+      # chunk size. Static sampling draws with one key per chunk.
+      rows_c = np.arange(c * chunk, (c + 1) * chunk)
       part = sampler.sample(state.params, _slice_prompts(prompts, c * chunk, (c + 1) * chunk),
-                            jax.random.fold_in(step_key, c), num_samples=config.rollout.num_samples,
-                            max_new_tokens=config.rollout.max_new_tokens, temperature=temperature)
+                            step_key if sampler.inflight_slots else jax.random.fold_in(step_key, c),
+                            num_samples=config.rollout.num_samples, max_new_tokens=config.rollout.max_new_tokens,
+                            temperature=temperature, prompt_ids=rows_c)
       parts.append(part)
       return c, part
 
