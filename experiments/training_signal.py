@@ -30,9 +30,9 @@ from maxrl_jax import train_maze  # noqa: E402
 from maxrl_jax.tasks import maze  # noqa: E402
 
 
-def gradient_norms(base, sft_dir, objectives, num_prompts, num_samples, chunk, seed):
+def gradient_norms(base, sft_dir, objectives, num_prompts, num_samples, chunk, seed, sft_phase="sft"):
   """{objective: (pass rates [P], gradient norms [P])} on fresh mazes, same rollouts for every objective."""
-  model_fns, params = train_maze.load_sft_params(base, sft_dir)
+  model_fns, params = train_maze.load_sft_params(base, sft_dir, sft_phase)
   key = jax.random.key(seed)
   grids = maze.generate_mazes(jax.random.fold_in(key, 0), num_prompts, base.maze.size)
   prompts = maze.encode_prompts(grids)
@@ -59,19 +59,37 @@ def gradient_norms(base, sft_dir, objectives, num_prompts, num_samples, chunk, s
   return out
 
 
+def sft_source(src: str, seed: int) -> tuple[str, str, str]:
+  """(workdir, checkpoint phase, config.json) of the SFT policy of `seed` in an objective ablation `src`.
+
+  One run after another keeps it in <src>/sft/seed<s>; a population in checkpoints/sft_seed<s> of the
+  population that trained the seed (found through a member's summary).
+  """
+  sft_dir = os.path.join(src, "sft", f"seed{seed}")
+  if os.path.exists(os.path.join(sft_dir, "config.json")):
+    return sft_dir, "sft", os.path.join(sft_dir, "config.json")
+  runs_dir = os.path.join(src, "runs")
+  for variant in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+    member_dir = os.path.join(runs_dir, variant, f"seed{seed}")
+    if os.path.exists(os.path.join(member_dir, "summary.json")):
+      member = common.read_summary(member_dir).get("population_member")
+      if member:
+        return member["population_workdir"], f"sft_seed{seed}", os.path.join(member_dir, "config.json")
+  raise ValueError(f"{src} holds no SFT policy of seed {seed}: config.seed={seed} must be one of the seeds of "
+                   f"the objective ablation in {src}.")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   src = config.objectives_workdir
   if not src or not os.path.exists(os.path.join(src, "results.json")):
     raise ValueError(f"config.objectives_workdir={src!r} must be a finished experiments.maze_objectives "
                      "workdir (with results.json); run that ablation first.")
   os.makedirs(workdir, exist_ok=True)
-  sft_dir = os.path.join(src, "sft", f"seed{config.seed}")  # The SFT policy of the objectives' seed config.seed.
-  if not os.path.exists(os.path.join(sft_dir, "config.json")):
-    raise ValueError(f"{sft_dir} holds no SFT run: config.seed={config.seed} must be one of the seeds of "
-                     f"the objective ablation in {src}.")
-  with open(os.path.join(sft_dir, "config.json")) as f:
+  sft_dir, sft_phase, base_config = sft_source(src, config.seed)
+  with open(base_config) as f:
     base = ml_collections.ConfigDict(json.load(f))
   base.eval.ks = tuple(base.eval.ks)
+  base.population.objectives, base.population.seeds, base.population.sweep = (), (), ()
 
   # 1. Fraction solved during training, per objective (mean over seeds).
   runs_dir = os.path.join(src, "runs")
@@ -97,7 +115,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # 2. Per-prompt gradient norm against pass rate.
   objectives = list(config.objectives)
   norms = gradient_norms(base, sft_dir, objectives, config.num_prompts, config.num_samples,
-                         config.prompt_chunk, config.seed)
+                         config.prompt_chunk, config.seed, sft_phase)
   fig, axes = plt.subplots(1, len(objectives), figsize=(3.6 * len(objectives), 3.4), sharex=True)
   binned = {}
   for ax, name in zip(np.atleast_1d(axes), objectives):

@@ -291,11 +291,14 @@ def sft_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransforma
                            config.sft.grad_clip)
 
 
-def load_sft_params(config: ml_collections.ConfigDict, workdir: str):
-  """The parameters of the latest SFT checkpoint of a maze run in `workdir` (for analyses)."""
+def load_sft_params(config: ml_collections.ConfigDict, workdir: str, phase: str = "sft"):
+  """The parameters of the latest SFT checkpoint of a maze run in `workdir` (for analyses).
+
+  `phase` names the checkpoint folder: "sft" for a single run, "sft_seed<s>" for seed s of a population.
+  """
   model_fns = decoder.DecoderFns(decoder.DecoderConfig.from_config(config.model))
   like = jax.eval_shape(lambda: train_steps.init_state(model_fns.init(jax.random.key(0)), sft_optimizer(config)))
-  source = checkpoints.PhaseCheckpointer(workdir, "sft")
+  source = checkpoints.PhaseCheckpointer(workdir, phase)
   step = source.latest_step()
   if step is None:
     raise ValueError(f"{workdir} holds no SFT checkpoint; run its SFT phase first.")

@@ -138,6 +138,7 @@ def runs(tmp_path_factory):
   config = equivalence_config()
   config.population.objectives = ("maxrl", GRPO_ALL)
   config.population.seeds = (0, 1)
+  config.logging.tensorboard = True  # One TensorBoard run per member (event files need no extra package).
   summary = train_maze.train_and_evaluate(config, str(root / "population"))
   singles = {}
   for member in population.members(config):
@@ -203,6 +204,8 @@ def test_summary_table_and_member_workdirs(runs):
   assert json.loads((exported / "summary.json").read_text())["eval"] == single_summary["eval"]
   assert [r["step"] for r in run_logging.MetricsWriter(str(exported)).read() if r["phase"] == "eval"] == [0, 2, 4]
   assert (exported / "curves_heldout.png").exists()
+  for run in ("maxrl/seed0", "grpo_all/seed1", "sft/seed0"):
+    assert list((root / "tensorboard" / run).glob("events.out.tfevents.*")), run
   # A finished population is recognised and left alone.
   again = train_maze.train_and_evaluate(runs["config"], str(root))
   assert again == json.loads(json.dumps(summary))
