@@ -3,7 +3,10 @@
 The RL trainer samples N rollouts for each of P prompts. `sample_rollouts` runs the prompt pass ONCE per
 prompt (prefix cache [P, L, K, D] per layer) and then decodes the P x N continuations in a `lax.while_loop`.
 Each decode step's queries attend to the shared prefix of their prompt (broadcast over N, never copied) and
-to their own preallocated suffix cache [P, N, M, K, D], with a single softmax over both.
+to their own suffix cache ([P, N, M, K, D] per layer for `DecoderFns`), with a single softmax over both. The
+suffix cache grows by blocks of B slots (`suffix_block`, see `suffix_windows`): the loop runs in segments of
+B steps, one `lax.while_loop` each, segment b on a cache of (b + 1) B slots, so that a step's attention reads
+the filled part of the cache (plus less than a block) instead of all M slots at every step.
 
 Conventions (both samplers):
 
@@ -31,13 +34,16 @@ Conventions (both samplers):
 Model interface (`ModelFns`, any hashable object with these methods, e.g. `DecoderFns(config)`):
 
     prefill(params, prompts [P, L]) -> (next-token logits [P, V] float32, prefix_cache)
-    init_suffix_cache(prefix_cache, num_rollouts N, max_len M) -> suffix_cache
+    init_suffix_cache(prefix_cache, num_rollouts N, max_len M) -> suffix_cache   (M: the slots it holds)
     decode(params, tokens [P, N, R], prefix_cache, suffix_cache, step) -> (logits [P, N, R, V], suffix_cache)
         tokens sit at suffix slots step..step+R-1 (positions L+step..); logits predict the next token.
     forward(params, tokens [B, T]) -> logits [B, T, V] float32       (full causal forward)
 
 For `PaddedPrompts`, prefill and forward are also called with `attention_mask=` ([P, L] / [B, T] bool,
 True on real tokens); the prefix cache must then carry what decode needs (DecoderFns keeps the mask in it).
+`sample_rollouts` may ask `init_suffix_cache` for fewer slots than M and grow the cache between loop
+segments by copying each leaf into the leading corner of the matching leaf of a larger cache; it does so
+only when the leaves of caches of different sizes differ in size alone (otherwise it allocates all M slots).
 
 A fake model implementing these four methods can drive every function here (see tests/test_sampling.py).
 """
@@ -221,6 +227,42 @@ def _select_tokens(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def suffix_windows(max_new_tokens: int, suffix_block: int | str | None = "auto") -> tuple[int, ...]:
+    """Sizes of the cached sampler's suffix cache over the decode loop, growing by blocks of B slots.
+
+    The loop runs in segments, one `lax.while_loop` each: segment b decodes the tokens of suffix slots
+    [b B, (b + 1) B) on a suffix cache of W_b = min((b + 1) B, M) slots (those filled so far plus at most
+    B - 1 empty ones), grown from the previous segment's by one copy of its slots. A decode step's
+    attention reads the whole cache it is given: fewer than s + B suffix slots at the step that writes
+    slot s instead of M, about M^2 / 2 + M B / 2 over the M steps instead of M^2. Each segment is its own
+    compiled copy of the decode step, so B trades compile time for run time.
+
+    Args:
+      max_new_tokens: M.
+      suffix_block: B, slots per block (an int >= 1); None or "full": one segment with all M slots (every
+        step reads the whole preallocated cache, one compiled step); "auto": B = the smallest multiple of 8
+        that is >= max(16, M / 4), i.e. at most 4 segments of at least 16 slots, and one segment when
+        M < 32.
+
+    Returns:
+      The increasing cache sizes (W_0, ..., W_last = M).
+    """
+    if suffix_block is None or suffix_block == "full":
+        return (max_new_tokens,)
+    if suffix_block == "auto":
+        block = max(16, -(-max_new_tokens // 4))
+        block = -(-block // 8) * 8
+        if max_new_tokens < 32:
+            block = max_new_tokens
+    elif isinstance(suffix_block, (int, np.integer)) and not isinstance(suffix_block, bool):
+        if suffix_block < 1:
+            raise ValueError(f"suffix_block must be >= 1, got {suffix_block}.")
+        block = int(suffix_block)
+    else:
+        raise ValueError(f"suffix_block must be an int >= 1, 'auto', 'full' or None; got {suffix_block!r}.")
+    return tuple(min(end, max_new_tokens) for end in range(block, max_new_tokens + block, block))
+
+
 def _decode_loop(
     first_logits: Array,
     next_logits_fn: Callable[[PyTree, Array, Array], tuple[Array, PyTree]],
@@ -233,11 +275,16 @@ def _decode_loop(
     top_k: int | None,
     top_p: float | None,
     pad_id: int,
+    windows: tuple[int, ...] | None = None,
+    grow_fn: Callable[[PyTree, int], PyTree] | None = None,
 ) -> Rollouts:
-    """Samples slot 0 from `first_logits` [P, N, V], then slots 1.. in a while_loop.
+    """Samples slot 0 from `first_logits` [P, N, V], then slots 1.. in while_loops.
 
     `next_logits_fn(carry, tokens [P, N, M], step) -> (logits [P, N, V] for slot `step`, carry)` may read
-    any slot < step of the token buffer.
+    any slot < step of the token buffer. With `windows` (increasing static ints, the last = M; see
+    `suffix_windows`) the steps run in one while_loop per window W, over the steps with step <= W; before
+    each loop but the first, `grow_fn(carry, W)` resizes the carry for it. Without, one loop runs every
+    step. Every loop also stops once every rollout is done, so the loops after an early exit run no step.
     """
     num_prompts, num_rollouts = first_logits.shape[:2]
     shape = (num_prompts, num_rollouts, max_new_tokens)
@@ -261,12 +308,17 @@ def _decode_loop(
             done=state.done | (active & is_stop),
         )
 
-    def cond(state: _LoopState) -> Array:
-        return (state.step < max_new_tokens) & ~jnp.all(state.done)
+    def run_steps(state: _LoopState, last_step: int) -> _LoopState:
+        """Steps state.step .. min(last_step, M - 1) (fewer if every rollout is done)."""
 
-    def body(state: _LoopState) -> _LoopState:
-        logits, new_carry = next_logits_fn(state.carry, state.tokens, state.step)
-        return write(state.replace(carry=new_carry), logits)
+        def cond(state: _LoopState) -> Array:
+            return (state.step <= min(last_step, max_new_tokens - 1)) & ~jnp.all(state.done)
+
+        def body(state: _LoopState) -> _LoopState:
+            logits, new_carry = next_logits_fn(state.carry, state.tokens, state.step)
+            return write(state.replace(carry=new_carry), logits)
+
+        return jax.lax.while_loop(cond, body, state)
 
     state = _LoopState(
         step=jnp.zeros((), jnp.int32),
@@ -278,7 +330,14 @@ def _decode_loop(
         rng=rng,
     )
     state = write(state, first_logits)
-    state = jax.lax.while_loop(cond, body, state)
+    if windows is None:
+        state = run_steps(state, max_new_tokens - 1)
+    else:
+        # Step s decodes the token of slot s - 1 into a cache of W slots: s <= W.
+        for index, window in enumerate(windows):
+            if index:
+                state = state.replace(carry=grow_fn(state.carry, window))
+            state = run_steps(state, window)
     mask = jnp.arange(max_new_tokens) < state.lengths[..., None]
     return Rollouts(
         tokens=state.tokens,
@@ -287,6 +346,33 @@ def _decode_loop(
         lengths=state.lengths,
         stopped=state.done,
         num_steps=state.step,
+    )
+
+
+def _grow_suffix_cache(cache: PyTree, larger: PyTree) -> PyTree:
+    """Copies every leaf of `cache` into the leading corner of the matching (zero) leaf of `larger`."""
+    return jax.tree_util.tree_map(
+        lambda big, small: jax.lax.dynamic_update_slice(
+            big, small.astype(big.dtype), (jnp.zeros((), jnp.int32),) * big.ndim
+        ),
+        larger,
+        cache,
+    )
+
+
+def _cache_can_grow(model_fns, prefix_cache, num_rollouts: int, small: int, large: int) -> bool:
+    """Whether suffix caches of `small` and `large` slots have the same tree and leaf ranks and dtypes,
+    each leaf of the small one fitting in the large one (growing then copies it into the leading corner,
+    see `_grow_suffix_cache`)."""
+    shapes = [
+        jax.eval_shape(lambda p, m=m: model_fns.init_suffix_cache(p, num_rollouts, m), prefix_cache)
+        for m in (small, large)
+    ]
+    leaves_small, tree_small = jax.tree_util.tree_flatten(shapes[0])
+    leaves_large, tree_large = jax.tree_util.tree_flatten(shapes[1])
+    return tree_small == tree_large and all(
+        a.ndim == b.ndim and a.dtype == b.dtype and all(x <= y for x, y in zip(a.shape, b.shape))
+        for a, b in zip(leaves_small, leaves_large)
     )
 
 
@@ -309,13 +395,18 @@ def _check_options(
 _STATIC = ("model_fns", "num_rollouts", "max_new_tokens", "stop_tokens", "top_k", "top_p", "pad_id")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=_STATIC + ("windows",))
 def _sample_cached(
     model_fns, params, prompts, rng, temperature, *, num_rollouts, max_new_tokens, stop_tokens, top_k,
-    top_p, pad_id,
+    top_p, pad_id, windows,
 ) -> Rollouts:
     last_logits, prefix_cache = _prefill(model_fns, params, prompts)  # [P, V]
-    suffix_cache = model_fns.init_suffix_cache(prefix_cache, num_rollouts, max_new_tokens)
+    if windows is not None and not _cache_can_grow(
+        model_fns, prefix_cache, num_rollouts, windows[0], max_new_tokens
+    ):
+        windows = None
+    first_size = max_new_tokens if windows is None else windows[0]
+    suffix_cache = model_fns.init_suffix_cache(prefix_cache, num_rollouts, first_size)
     first_logits = jnp.broadcast_to(
         last_logits[:, None], (last_logits.shape[0], num_rollouts, last_logits.shape[-1])
     )
@@ -325,9 +416,15 @@ def _sample_cached(
         logits, suffix_cache = model_fns.decode(params, previous, prefix_cache, suffix_cache, step - 1)
         return logits[:, :, 0], suffix_cache
 
+    def grow(suffix_cache, size):
+        return _grow_suffix_cache(
+            suffix_cache, model_fns.init_suffix_cache(prefix_cache, num_rollouts, size)
+        )
+
     return _decode_loop(
         first_logits, next_logits, suffix_cache, rng, max_new_tokens=max_new_tokens,
         temperature=temperature, stop_tokens=stop_tokens, top_k=top_k, top_p=top_p, pad_id=pad_id,
+        windows=windows, grow_fn=grow,
     )
 
 
@@ -344,6 +441,7 @@ def sample_rollouts(
     top_k: int | None = None,
     top_p: float | None = None,
     pad_id: int = 0,
+    suffix_block: int | str | None = "auto",
 ) -> Rollouts:
     """Samples `num_rollouts` continuations of each prompt with a prefix-shared KV cache (jitted).
 
@@ -359,15 +457,24 @@ def sample_rollouts(
       top_k: keep the k largest logits (static) or None.
       top_p: nucleus mass (static) or None.
       pad_id: filler after the stop token (static).
+      suffix_block: how the suffix cache grows (static): an int B grows it by blocks of B slots, so that
+        each step's attention reads the filled blocks only (`suffix_windows`); "auto" picks B from M (at
+        most 4 blocks of >= 16 slots; all M slots from the start when M < 32); None or "full" allocates
+        all M slots up front and every step reads them all. The rollouts are the same up to float
+        round-off. Growing needs suffix caches whose leaves differ only in size between slot counts,
+        slot i at index i (`DecoderFns`, and any cache of that form); other models get all M slots.
 
     Returns:
       `Rollouts` with [P, N, M] tokens / logprobs / mask; see the module docstring for conventions.
     """
     stop_tokens = _check_options(num_rollouts, max_new_tokens, stop_tokens, top_k, top_p)
+    windows = suffix_windows(max_new_tokens, suffix_block)
+    if len(windows) == 1:
+        windows = None
     return _sample_cached(
         model_fns, params, _as_prompts(prompts), rng, jnp.asarray(temperature, jnp.float32),
         num_rollouts=num_rollouts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, top_k=top_k,
-        top_p=top_p, pad_id=pad_id,
+        top_p=top_p, pad_id=pad_id, windows=windows,
     )
 
 

@@ -6,6 +6,8 @@ r"""Rollout and RL-step benchmark of the maze policy: our sampler vs recompute v
         --new_tokens=100 --dtype=bfloat16 --rl_step                   # the paper's maze scale (GPU)
     python scripts/bench_rollout.py --norecompute --sweep_prompts=4 \
         --sweep_rollouts=1,4,16,64 --sweep_new_tokens=8,24,72         # how cost grows with N and length
+    python scripts/bench_rollout.py --nomain --nohf --sweep_prompts=16 --sweep_new_tokens=24,48,96 \
+        --sweep_suffix_blocks=auto,full                               # growing vs full suffix cache
     python scripts/bench_rollout.py --roofline_only --card=H100 --num_prompts=32 --num_rollouts=128 \
         --prompt_len=310 --new_tokens=100 --dtype=bfloat16             # bytes, FLOPs, bounds only
 
@@ -19,7 +21,8 @@ at temperature 1 without top-k / top-p, so all do the same work.
 Parts (each is timed after compilation / warm-up; the median of --repeats runs is reported):
 
 - `sampler`: `maxrl_jax.sampling.sample_rollouts`, jitted: the P prompts are prefilled once and their KV
-  caches shared by their N rollouts; one `lax.while_loop` decodes.
+  caches shared by their N rollouts; `lax.while_loop`s decode, on a suffix cache that grows by blocks of
+  --suffix_block slots ("auto" by default, "full": all M slots from the first step, the earlier sampler).
 - `recompute`: `sample_rollouts_recompute`, no KV cache: every step is a full forward over [P*N, L+M]
   (--recompute_repeats runs; it is the slow baseline).
 - `hf_generate`: `transformers.Qwen2ForCausalLM.generate(do_sample=True, temperature=1, top_k=0)` on the
@@ -32,7 +35,11 @@ Parts (each is timed after compilation / warm-up; the median of --repeats runs i
 - `roofline` (every run; `--roofline_only --card=H200` computes it without running anything): bytes, FLOPs
   and the time bound of each part on the card (`roofline()`), and `measured_over_bound`.
 - sweeps (--sweep_rollouts, --sweep_new_tokens): sampler and generate at --sweep_prompts prompts, varying N
-  (at --new_tokens) or the response length (at --num_rollouts).
+  (at --new_tokens) or the response length (at --num_rollouts); the sampler once per --sweep_suffix_blocks
+  value (`samplers`; `sampler` is the first), generate once per point.
+
+Every timed part reports wall-clock times (`times_s`, `median_s`) and this process's CPU time over the same
+runs (`process_cpu_median_s`, all threads): on a shared CPU the latter moves less with the other load.
 """
 
 from __future__ import annotations
@@ -76,6 +83,11 @@ _SWEEP_PROMPTS = flags.DEFINE_integer("sweep_prompts", 4, "P of the sweeps.")
 _SWEEP_ROLLOUTS = flags.DEFINE_list("sweep_rollouts", [], "N values to sweep (at --new_tokens).")
 _SWEEP_NEW_TOKENS = flags.DEFINE_list("sweep_new_tokens", [], "M values to sweep (at --num_rollouts).")
 _SWEEP_REPEATS = flags.DEFINE_integer("sweep_repeats", 2, "Timed runs per sweep point.")
+_SUFFIX_BLOCK = flags.DEFINE_string(
+    "suffix_block", "auto", "`sample_rollouts(suffix_block=...)` of the main sampler: 'auto', 'full' or an int B "
+    "(the suffix cache grows by B slots; 'full': all M slots at every step).")
+_SWEEP_SUFFIX_BLOCKS = flags.DEFINE_list(
+    "sweep_suffix_blocks", [], "suffix_block values timed at every sweep point (default: --suffix_block).")
 _TORCH_THREADS = flags.DEFINE_integer(
     "torch_threads", 0, "torch CPU threads; 0 = the faster of 1 and one per core, probed on a short generate "
     "(on a busy machine torch's OpenMP threads can lose 3x to spinning).")
@@ -98,13 +110,26 @@ def _load() -> list[float]:
 
 def _timed(fn: Callable[[], Any], repeats: int, sync: Callable[[Any], Any] = jax.block_until_ready) -> dict:
   """Runs fn `repeats` times (already warm) and returns the run times, their median and the load."""
-  times, load_before = [], _load()
+  times, cpu_times, load_before = [], [], _load()
   for _ in range(repeats):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     sync(fn())
     times.append(time.perf_counter() - start)
+    cpu_times.append(time.process_time() - cpu_start)
   return {"times_s": [round(t, 4) for t in times], "median_s": round(statistics.median(times), 4),
+          "process_cpu_median_s": round(statistics.median(cpu_times), 4),
           "load_before": load_before, "load_after": _load()}
+
+
+def parse_suffix_block(value: str) -> int | str:
+  """'auto' / 'full' / an int, as `sample_rollouts(suffix_block=...)` takes it."""
+  value = str(value).strip()
+  if value in ("auto", "full"):
+    return value
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"suffix_block must be 'auto', 'full' or an int, got {value!r}.") from None
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -163,9 +188,12 @@ def _hardware() -> dict:
 
 
 def bench_sampler(model_fns, params, prompts, *, num_rollouts: int, new_tokens: int, repeats: int,
-                  recompute: bool = False) -> dict:
+                  recompute: bool = False, suffix_block: int | str = "auto") -> dict:
   """Compile (timed separately), one warm-up run, then `repeats` timed runs of one of our samplers."""
-  sample = sampling.sample_rollouts_recompute if recompute else sampling.sample_rollouts
+  if recompute:
+    sample = sampling.sample_rollouts_recompute
+  else:
+    sample = functools.partial(sampling.sample_rollouts, suffix_block=suffix_block)
   fn = jax.jit(lambda p, x, k: sample(model_fns, p, x, k, num_rollouts=num_rollouts, max_new_tokens=new_tokens,
                                       temperature=1.0, stop_tokens=()))
   key = jax.random.key(_SEED.value + 1)
@@ -179,6 +207,8 @@ def bench_sampler(model_fns, params, prompts, *, num_rollouts: int, new_tokens: 
   result = _timed(lambda: compiled(params, prompts, next(keys)), repeats)
   num_new = prompts.shape[0] * num_rollouts * new_tokens
   result.update(compile_s=round(compile_s, 2), new_tokens_per_s=round(num_new / result["median_s"], 1))
+  if not recompute:
+    result.update(suffix_block=suffix_block, suffix_sizes=list(sampling.suffix_windows(new_tokens, suffix_block)))
   return result
 
 
@@ -448,14 +478,37 @@ def conversion_error(model_fns, params, model, tokens: np.ndarray, device) -> fl
 # ------------------------------------------------------------------------------------------------ roofline
 
 
+def sampler_blocks_cost(config: decoder.DecoderConfig, workload: memory_plan.Workload,
+                        suffix_block: int | str = "auto") -> memory_plan.Cost:
+  """The sampler with its growing suffix cache: at step s the attention reads the W(s) slots of the cache
+  of that segment (`sampling.suffix_windows`) instead of the s filled ones; built from the "filled" cost,
+  whose steps s = 1 .. M - 1 grow linearly in s (bytes and FLOPs per slot read from two consecutive steps).
+  The copies that grow the cache (once per segment) are not counted."""
+  filled = memory_plan.sampling_cost(config, workload, suffix="filled")
+  prefill, steps = filled.steps[0], filled.steps[1:]
+  M = workload.max_new_tokens
+  if len(steps) < 2 or len(steps) != M - 1 or any(count != 1 for count, _, _ in steps):
+    return filled
+  (_, flops_1, bytes_1), (_, flops_2, bytes_2) = steps[0], steps[1]
+  windows = sampling.suffix_windows(M, suffix_block)
+  out = [prefill]
+  for s, (count, flops, bytes_) in zip(range(1, M), steps):
+    extra = next(w for w in windows if w >= s) - s
+    out.append((count, flops + extra * (flops_2 - flops_1), bytes_ + extra * (bytes_2 - bytes_1)))
+  return memory_plan.Cost(tuple(out))
+
+
 def roofline(config: decoder.DecoderConfig, num_prompts: int, num_rollouts: int, prompt_len: int, new_tokens: int,
-             card: memory_plan.Card | None) -> dict:
+             card: memory_plan.Card | None, suffix_block: int | str = "auto") -> dict:
   """Bytes, FLOPs and the time bound of each timed part at P x N x (L + M) (`maxrl_jax.memory_plan`).
 
-  - `sampler_implemented`: our sampler as it runs: per decode step the weights (float32 storage), the shared
-    prefix cache [P, L] once, the suffix cache over ALL M preallocated slots of every row, one new slot and
-    the [P N, V] float32 logits; FLOPs of every projection, attention over L + M keys and the lm head.
+  - `sampler_implemented`: our sampler with `suffix_block="full"`: per decode step the weights (float32
+    storage), the shared prefix cache [P, L] once, the suffix cache over ALL M preallocated slots of every
+    row, one new slot and the [P N, V] float32 logits; FLOPs of every projection, attention over L + M keys
+    and the lm head.
   - `sampler_filled`: the same, reading only the suffix slots written so far (L + s keys at step s).
+  - `sampler_blocks`: the sampler with its growing suffix cache (`suffix_block`, "auto" by default): L + W(s)
+    keys at step s, W(s) the cache size of that step's segment (`sampler_blocks_cost`).
   - `generate_ideal`: a per-sequence KV cache (transformers' layout) at its minimum: prefill of all P N
     prompts, then every row reads its own L + s cached tokens per step (no copies of the cache).
   - `recompute`: M full forwards over [P N, L + M].
@@ -469,6 +522,7 @@ def roofline(config: decoder.DecoderConfig, num_prompts: int, num_rollouts: int,
   costs = {
       "sampler_implemented": memory_plan.sampling_cost(config, w),
       "sampler_filled": memory_plan.sampling_cost(config, w, suffix="filled"),
+      "sampler_blocks": sampler_blocks_cost(config, w, suffix_block),
       "generate_ideal": memory_plan.generate_cost(config, w),
       "recompute": memory_plan.recompute_cost(config, w),
       "update": memory_plan.update_cost(config, w),
@@ -486,6 +540,7 @@ def _measured_over_bound(report: dict, roof: dict) -> dict:
   measured = {
       "sampler_vs_implemented": (report.get("sampler"), "sampler_implemented"),
       "sampler_vs_filled": (report.get("sampler"), "sampler_filled"),
+      "sampler_vs_blocks": (report.get("sampler"), "sampler_blocks"),
       "generate_vs_ideal": (report.get("hf_generate"), "generate_ideal"),
       "recompute": (report.get("recompute"), "recompute"),
       "update": (rl.get("ours", {}).get("update_only"), "update"),
@@ -513,6 +568,17 @@ def _ratio(a: dict | None, b: dict | None, key: str = "median_s", key_b: str | N
   if not a or not b or key not in a or key_b not in b:
     return None
   return round(a[key] / b[key_b], 2)
+
+
+def length_growth(sweeps: list[dict], num_rollouts: int) -> dict:
+  """{suffix_block: {"M2/M1": sampler time at M2 / time at M1}} over consecutive response lengths of the
+  sweep points at `num_rollouts` rollouts."""
+  out = {}
+  points = sorted((p for p in sweeps if p["num_rollouts"] == num_rollouts), key=lambda p: p["new_tokens"])
+  for block in (points[0]["samplers"] if points else {}):
+    out[block] = {f"{b['new_tokens']}/{a['new_tokens']}": _ratio(b["samplers"].get(block), a["samplers"].get(block))
+                  for a, b in zip(points, points[1:])}
+  return out
 
 
 def _attempt(fn: Callable[[], dict]) -> dict:
@@ -557,6 +623,8 @@ def main(argv):
   start_time = time.time()
   P, N, L, M = _NUM_PROMPTS.value, _NUM_ROLLOUTS.value, _PROMPT_LEN.value, _NEW_TOKENS.value
   config = decoder_config(_DTYPE.value)
+  suffix_block = parse_suffix_block(_SUFFIX_BLOCK.value)
+  sweep_blocks = list(dict.fromkeys(parse_suffix_block(b) for b in _SWEEP_SUFFIX_BLOCKS.value)) or [suffix_block]
   if L + M > config.max_positions:
     raise ValueError(f"prompt_len + new_tokens = {L + M} > max_positions = {config.max_positions}.")
   # Sweep points in order, each once: N values at --new_tokens, then M values at --num_rollouts.
@@ -568,9 +636,10 @@ def main(argv):
       raise ValueError("--roofline_only needs --card (or an accelerator whose kind is one of "
                        f"{sorted(memory_plan.CARDS)}).")
     rows = {"setup": {"num_prompts": P, "num_rollouts": N, "prompt_len": L, "new_tokens": M, "dtype": _DTYPE.value},
-            "roofline": roofline(config, P, N, L, M, card),
+            "roofline": roofline(config, P, N, L, M, card, suffix_block),
             "sweeps": [{"num_prompts": _SWEEP_PROMPTS.value, "num_rollouts": n, "new_tokens": m,
-                        "roofline": roofline(config, _SWEEP_PROMPTS.value, n, L, m, card)} for n, m in sweep_points]}
+                        "roofline": roofline(config, _SWEEP_PROMPTS.value, n, L, m, card, sweep_blocks[0])}
+                       for n, m in sweep_points]}
     text = _format_json(rows)
     print(text)
     if _OUT.value:
@@ -587,7 +656,8 @@ def main(argv):
       "command": " ".join(["python"] + sys.argv),
       "setup": {"num_prompts": P, "num_rollouts": N, "sequences": P * N, "prompt_len": L, "new_tokens": M,
                 "new_tokens_total": P * N * M, "dtype": _DTYPE.value, "maze_size": _maze_size(L),
-                "model_params": decoder.count_params(config), "repeats": _REPEATS.value},
+                "model_params": decoder.count_params(config), "repeats": _REPEATS.value,
+                "suffix_block": suffix_block},
       "hardware": _hardware(), "versions": _versions(), "load_at_start": _load(),
   }
   model = device = None
@@ -600,7 +670,7 @@ def main(argv):
   if _MAIN.value:
     log(f"sampler: P={P} N={N} L={L} M={M} {_DTYPE.value}")
     report["sampler"] = _attempt(lambda: bench_sampler(model_fns, params, prompts, num_rollouts=N, new_tokens=M,
-                                                       repeats=_REPEATS.value))
+                                                       repeats=_REPEATS.value, suffix_block=suffix_block))
     if model is not None:
       log("transformers generate")
       report["hf_generate"] = _attempt(lambda: bench_hf_generate(model, prompts_np, num_rollouts=N, new_tokens=M,
@@ -637,18 +707,25 @@ def main(argv):
     for n, m in sweep_points:
       log(f"sweep P={_SWEEP_PROMPTS.value} N={n} M={m}")
       sizes = {"num_rollouts": n, "new_tokens": m, "repeats": _SWEEP_REPEATS.value}
-      point = {"num_prompts": _SWEEP_PROMPTS.value, "num_rollouts": n, "new_tokens": m,
-               "sampler": _attempt(functools.partial(bench_sampler, model_fns, params, sweep_prompts, **sizes))}
+      samplers = {}
+      for block in sweep_blocks:
+        samplers[str(block)] = _attempt(functools.partial(bench_sampler, model_fns, params, sweep_prompts,
+                                                          suffix_block=block, **sizes))
+      first = samplers[str(sweep_blocks[0])]
+      point = {"num_prompts": _SWEEP_PROMPTS.value, "num_rollouts": n, "new_tokens": m, "sampler": first,
+               "samplers": samplers,
+               "sampler_s_over_first": {name: _ratio(result, first) for name, result in samplers.items()}}
       if model is not None:
         point["hf_generate"] = _attempt(functools.partial(
             bench_hf_generate, model, np.asarray(sweep_prompts, np.int64), device=device, **sizes))
         point["generate_s_over_sampler_s"] = _ratio(point["hf_generate"], point["sampler"])
-      point["roofline"] = roofline(config, _SWEEP_PROMPTS.value, n, L, m, card)
+      point["roofline"] = roofline(config, _SWEEP_PROMPTS.value, n, L, m, card, sweep_blocks[0])
       point["measured_over_bound"] = _measured_over_bound(point, point["roofline"])
       report["sweeps"].append(point)
+    report["length_growth"] = length_growth(report["sweeps"], N)
 
   if _MAIN.value or _RL_STEP.value:
-    report["roofline"] = roofline(config, P, N, L, M, card)
+    report["roofline"] = roofline(config, P, N, L, M, card, suffix_block)
     report["measured_over_bound"] = _measured_over_bound(report, report["roofline"])
 
   # Targets: sampling >= 5x generate and an RL step <= 0.5 s on a GPU at the paper's maze scale; >= 3x
@@ -662,6 +739,14 @@ def main(argv):
   step_s = report.get("rl_step", {}).get("ours", {}).get("full_step", {}).get("median_s")
   if on_gpu and step_s is not None:
     targets["rl_step_s"] = {"at_most": 0.5, "measured": step_s, "met": step_s <= 0.5}
+  # The sampler at the paper's scale (100 new tokens) within 0.04 s, and 200 tokens within 2.2x the time of 100.
+  sampler_s = report.get("sampler", {}).get("median_s")
+  if on_gpu and sampler_s is not None:
+    targets["sampler_s"] = {"at_most": 0.04, "measured": sampler_s, "met": sampler_s <= 0.04}
+  growth = report.get("length_growth", {}).get(str(sweep_blocks[0]), {}).get("200/100")
+  if on_gpu and growth is not None:
+    targets["sampler_200_over_100_tokens"] = {"at_most": 2.2, "measured": growth, "met": growth <= 2.2,
+                                              "suffix_block": sweep_blocks[0]}
   # Whether this run is at the size the targets are stated for: the paper's maze scale (GPU), the default (CPU).
   setup = (P, N, L, M, _DTYPE.value)
   targets["setup_matches_paper_scale"] = setup == (32, 128, 310, 100, "bfloat16")

@@ -1,6 +1,7 @@
 """Tests of the Qwen2/Llama/Qwen3-family decoder: shapes, causality, GQA, KV-cache equivalence, dtypes."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -209,6 +210,45 @@ def test_kv_cache_decode_matches_full_forward(model):
     np.testing.assert_allclose(logits, full[:, :, prompt_len:], atol=1e-5)
 
 
+def test_decode_into_a_smaller_cache_matches_the_full_one(model):
+    """The suffix cache size is a capacity only: decoding into W < M slots, then copying them into a cache
+    of M slots and going on there (as the sampler grows its cache), equals decoding with all M slots from
+    the start, for left-padded prompts too."""
+    fns, params, _ = model
+    vocab = fns.config.vocab_size
+    num_prompts, num_rollouts, prompt_len, new = 2, 3, 6, 7
+    prompts = _tokens(10, (num_prompts, prompt_len), vocab)
+    left_padded = jnp.arange(prompt_len) >= jnp.array([[0], [2]])  # the second prompt has 4 real tokens
+    continuations = _tokens(11, (num_prompts, num_rollouts, new), vocab)
+    decode = jax.jit(fns.decode)
+
+    def grow(cache, size):  # slots 0..W-1 of every layer's k, v [P, N, W, K, D] into a zero cache of `size`
+        larger = fns.init_suffix_cache(prefix_cache, num_rollouts, size)
+        return jax.tree_util.tree_map(lambda big, small: big.at[:, :, : small.shape[2]].set(small),
+                                      larger, cache)
+
+    for attention_mask in (None, left_padded):
+        _, prefix_cache = jax.jit(fns.prefill)(params, prompts, attention_mask)
+        full_cache = fns.init_suffix_cache(prefix_cache, num_rollouts, new)
+        block_cache = fns.init_suffix_cache(prefix_cache, num_rollouts, 3)
+        for step in range(new):
+            if step in (3, 6):  # sizes 3, 6, 7 (a block of 3 that does not divide 7)
+                block_cache = grow(block_cache, min(new, step + 3))
+            token = continuations[:, :, step : step + 1]
+            full, full_cache = decode(params, token, prefix_cache, full_cache, jnp.int32(step))
+            blocks, block_cache = decode(params, token, prefix_cache, block_cache, jnp.int32(step))
+            np.testing.assert_allclose(blocks, full, atol=1e-5)
+        jax.tree_util.tree_map(
+            functools.partial(np.testing.assert_allclose, atol=1e-5), block_cache, full_cache)
+        # Several new tokens at once into a cache of 5 slots (teacher forcing of slots 2..4).
+        _, cache = decode(params, continuations[:, :, :2], prefix_cache,
+                          fns.init_suffix_cache(prefix_cache, num_rollouts, 2), jnp.int32(0))
+        chunk = continuations[:, :, 2:5]
+        blocks, _ = decode(params, chunk, prefix_cache, grow(cache, 5), jnp.int32(2))
+        full, _ = decode(params, chunk, prefix_cache, grow(cache, new), jnp.int32(2))
+        np.testing.assert_allclose(blocks, full, atol=1e-5)
+
+
 def test_bfloat16_compute():
     config = dataclasses.replace(QWEN2_TINY, dtype=jnp.bfloat16)
     fns = dec.DecoderFns(config)
@@ -221,6 +261,12 @@ def test_bfloat16_compute():
     assert np.abs(logits - reference).max() < 0.1  # bf16 round-off only
     _, prefix_cache = jax.eval_shape(fns.prefill, params, tokens)
     assert prefix_cache[0].k.dtype == jnp.bfloat16
+    # A bf16 decode step (the sampler's) runs on this backend and agrees with the full forward.
+    _, prefix_cache = jax.jit(fns.prefill)(params, tokens[:, :6])
+    cache = fns.init_suffix_cache(prefix_cache, 1, 4)
+    step_logits, cache = jax.jit(fns.decode)(params, tokens[:, None, 6:7], prefix_cache, cache, jnp.int32(0))
+    assert cache[0].k.dtype == jnp.bfloat16
+    assert np.abs(step_logits[:, 0, 0] - reference[:, 6]).max() < 0.1
 
 
 def test_max_positions_is_enforced():

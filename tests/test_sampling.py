@@ -289,3 +289,113 @@ def test_sampler_inside_outer_jit(tiny):
 
     inner = rollout(params, prompts, jax.random.key(2))
     np.testing.assert_array_equal(inner.tokens, out.tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Growing suffix cache (each step's attention reads only the filled blocks of the suffix cache).
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_suffix_windows():
+    assert sampling.suffix_windows(10, 5) == (5, 10)
+    assert sampling.suffix_windows(10, 3) == (3, 6, 9, 10)
+    assert sampling.suffix_windows(10, 1) == tuple(range(1, 11))
+    assert sampling.suffix_windows(10, 64) == (10,)
+    assert sampling.suffix_windows(10, None) == sampling.suffix_windows(10, "full") == (10,)
+    # "auto": at most 4 blocks of >= 16 slots (a multiple of 8); the whole cache below 32 slots.
+    assert sampling.suffix_windows(24, "auto") == (24,)
+    assert sampling.suffix_windows(40, "auto") == (16, 32, 40)
+    assert sampling.suffix_windows(100, "auto") == (32, 64, 96, 100)
+    assert sampling.suffix_windows(200, "auto") == (56, 112, 168, 200)
+    for bad in (0, -2, "blocks", 2.5, True):
+        with pytest.raises(ValueError, match="suffix_block"):
+            sampling.suffix_windows(10, bad)
+
+
+def _padded_prompts():
+    """Three prompts of lengths 7, 4 and 1, left-padded to 7 tokens."""
+    tokens = np.asarray(jax.random.randint(jax.random.key(11), (NUM_PROMPTS, PROMPT_LEN), 3, 32))
+    return sampling.left_pad([list(tokens[0]), list(tokens[1, :4]), list(tokens[2, :1])])
+
+
+@pytest.mark.parametrize("suffix_block, padded", [(5, False), (3, False), (4, True), (1, True)])
+def test_blockwise_suffix_attention_matches_full(tiny, suffix_block, padded):
+    """Reading only the filled blocks gives the rollouts of the full-suffix attention (B | M and B ∤ M)."""
+    fns, params, prompts, _ = tiny
+    fns = dec.DecoderFns(TINY)  # Takes attention_mask (padded prompts).
+    prompts = _padded_prompts() if padded else prompts
+    for temperature, key in ((1.0, 2), (0.0, 3)):
+        kwargs = dict(SAMPLE_KW, temperature=temperature)
+        full = sampling.sample_rollouts(
+            fns, params, prompts, jax.random.key(key), suffix_block=None, **kwargs)
+        blocks = sampling.sample_rollouts(
+            fns, params, prompts, jax.random.key(key), suffix_block=suffix_block, **kwargs)
+        np.testing.assert_array_equal(blocks.tokens, full.tokens)
+        np.testing.assert_array_equal(blocks.mask, full.mask)
+        np.testing.assert_array_equal(blocks.stopped, full.stopped)
+        np.testing.assert_array_equal(blocks.num_steps, full.num_steps)
+        np.testing.assert_allclose(blocks.logprobs, full.logprobs, atol=2e-5)
+    # Both equal the teacher-forced log-probs (an independent computation).
+    sampled = sampling.sample_rollouts(
+        fns, params, prompts, jax.random.key(2), suffix_block=suffix_block, **SAMPLE_KW)
+    teacher = jax.jit(sampling.sequence_logprobs_shared_prefix, static_argnums=0)(
+        fns, params, prompts, sampled.tokens)
+    mask = np.asarray(sampled.mask)
+    np.testing.assert_allclose(np.asarray(sampled.logprobs)[mask], np.asarray(teacher)[mask], atol=2e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotCacheSuccessorModel(SuccessorModel):
+    """SuccessorModel with a suffix cache of M slots [P, N, M] that it fills with the decoded tokens and
+    reads back: from slot 1 on, it continues the token it finds in the previous slot (so a cache that lost
+    its contents while growing breaks the chain). It predicts token 31 whenever the slot it writes is
+    outside the cache, and records the cache sizes it was traced with."""
+
+    sizes: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+    def init_suffix_cache(self, prefix_cache, num_rollouts, max_len):
+        return jnp.zeros((prefix_cache.shape[0], num_rollouts, max_len), jnp.int32)
+
+    def decode(self, params, tokens, prefix_cache, suffix_cache, step):
+        self.sizes.append(suffix_cache.shape[-1])
+        before = jax.lax.dynamic_slice_in_dim(suffix_cache, jnp.maximum(step - 1, 0), 1, axis=2)
+        logits, _ = super().decode(params, jnp.where(step > 0, before + 1, tokens), prefix_cache,
+                                   suffix_cache, step)
+        logits = jnp.where(step < suffix_cache.shape[-1], logits, self._logits(jnp.full_like(tokens, 30)))
+        return logits, jax.lax.dynamic_update_slice_in_dim(suffix_cache, tokens, step, axis=2)
+
+
+def test_blockwise_segments_cover_every_step_and_exit_early():
+    prompts = jnp.array([[9, 10], [9, 5]], jnp.int32)  # 11 12 .. 20 (truncated) ; 6 DONE
+    for suffix_block, sizes in ((3, [3, 6, 9, 10]), (5, [5, 10]), (None, [10])):
+        model = SlotCacheSuccessorModel()
+        out = sampling.sample_rollouts(model, {}, prompts, jax.random.key(0), num_rollouts=2,
+                                       max_new_tokens=10, stop_tokens=(DONE,), suffix_block=suffix_block)
+        assert model.sizes == sizes
+        np.testing.assert_array_equal(out.tokens[0], np.broadcast_to(np.arange(11, 21), (2, 10)))
+        np.testing.assert_array_equal(out.lengths, [[10, 10], [2, 2]])
+        assert int(out.num_steps) == 10
+    # Every rollout stops inside the first block: the later segments run no step.
+    out = sampling.sample_rollouts(SlotCacheSuccessorModel(), {}, jnp.array([[9, 3], [9, 5]], jnp.int32),
+                                   jax.random.key(0), num_rollouts=2, max_new_tokens=10, stop_tokens=(DONE,),
+                                   suffix_block=5)
+    np.testing.assert_array_equal(out.lengths, [[4, 4], [2, 2]])
+    assert int(out.num_steps) == 4
+    # A suffix cache whose leaves do not only grow with M is allocated once, with all M slots.
+    model = ShrinkingCacheModel()
+    params = {"logits": jnp.log(jnp.asarray(FAKE_PROBS, jnp.float32))}
+    out = sampling.sample_rollouts(model, params, prompts, jax.random.key(0), num_rollouts=2,
+                                   max_new_tokens=10, suffix_block=4)
+    assert model.sizes == [4, 10, 10]  # The two shape checks, then the one cache.
+    assert out.tokens.shape == (2, 2, 10) and int(out.num_steps) == 10
+
+
+@dataclasses.dataclass(frozen=True)
+class ShrinkingCacheModel(FixedDistributionModel):
+    """FixedDistributionModel whose suffix cache leaf shrinks as M grows; records the sizes asked for."""
+
+    sizes: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+    def init_suffix_cache(self, prefix_cache, num_rollouts, max_len):
+        self.sizes.append(max_len)
+        return jnp.zeros((prefix_cache.shape[0], num_rollouts, 20 - max_len))

@@ -32,7 +32,9 @@ Three entry points (methods of `Decoder`, also exposed as pure functions over pa
   prompt (`[P, L, K, D]`, broadcast over N, never copied) and to its own suffix cache (`[P, N, M, K, D]`),
   with a single softmax over the concatenated scores. The R new tokens sit at suffix slots
   `step .. step+R-1` (absolute positions `L+step ..`). R = 1 is one sampling step; R = M is
-  prefix-shared teacher forcing of whole responses.
+  prefix-shared teacher forcing of whole responses. The suffix cache may hold fewer slots than the
+  response will have (M is only its capacity; positions come from `step`): a sampler can grow it block
+  by block (`maxrl_jax.sampling.suffix_windows`) so that attention reads the filled part only.
 
 Left-padded prompts: `__call__` and `prefill` take an optional `attention_mask` [B, T] (True on real tokens);
 real tokens then sit at positions 0.., pad keys are masked, and a padded prefix cache carries the mask so that
