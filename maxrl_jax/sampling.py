@@ -277,6 +277,7 @@ def _decode_loop(
     pad_id: int,
     windows: tuple[int, ...] | None = None,
     grow_fn: Callable[[PyTree, int], PyTree] | None = None,
+    lockstep_axis: str | None = None,
 ) -> Rollouts:
     """Samples slot 0 from `first_logits` [P, N, V], then slots 1.. in while_loops.
 
@@ -312,7 +313,10 @@ def _decode_loop(
         """Steps state.step .. min(last_step, M - 1) (fewer if every rollout is done)."""
 
         def cond(state: _LoopState) -> Array:
-            return (state.step <= min(last_step, max_new_tokens - 1)) & ~jnp.all(state.done)
+            live = ~jnp.all(state.done)
+            if lockstep_axis is not None:  # One loop for every vmapped instance: runs while any is live.
+                live = jax.lax.pmax(live.astype(jnp.int32), lockstep_axis) > 0
+            return (state.step <= min(last_step, max_new_tokens - 1)) & live
 
         def body(state: _LoopState) -> _LoopState:
             logits, new_carry = next_logits_fn(state.carry, state.tokens, state.step)
@@ -345,7 +349,9 @@ def _decode_loop(
         mask=mask,
         lengths=state.lengths,
         stopped=state.done,
-        num_steps=state.step,
+        # With a lockstep loop the counter is the slowest instance's; every instance's own count of decode
+        # steps is its longest rollout (a loop stops right after the write that ends its last rollout).
+        num_steps=state.step if lockstep_axis is None else jnp.max(state.lengths),
     )
 
 
@@ -395,10 +401,10 @@ def _check_options(
 _STATIC = ("model_fns", "num_rollouts", "max_new_tokens", "stop_tokens", "top_k", "top_p", "pad_id")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("windows",))
+@functools.partial(jax.jit, static_argnames=_STATIC + ("windows", "lockstep_axis"))
 def _sample_cached(
     model_fns, params, prompts, rng, temperature, *, num_rollouts, max_new_tokens, stop_tokens, top_k,
-    top_p, pad_id, windows,
+    top_p, pad_id, windows, lockstep_axis=None,
 ) -> Rollouts:
     last_logits, prefix_cache = _prefill(model_fns, params, prompts)  # [P, V]
     if windows is not None and not _cache_can_grow(
@@ -424,7 +430,7 @@ def _sample_cached(
     return _decode_loop(
         first_logits, next_logits, suffix_cache, rng, max_new_tokens=max_new_tokens,
         temperature=temperature, stop_tokens=stop_tokens, top_k=top_k, top_p=top_p, pad_id=pad_id,
-        windows=windows, grow_fn=grow,
+        windows=windows, grow_fn=grow, lockstep_axis=lockstep_axis,
     )
 
 
@@ -442,6 +448,7 @@ def sample_rollouts(
     top_p: float | None = None,
     pad_id: int = 0,
     suffix_block: int | str | None = "auto",
+    lockstep_axis: str | None = None,
 ) -> Rollouts:
     """Samples `num_rollouts` continuations of each prompt with a prefix-shared KV cache (jitted).
 
@@ -463,6 +470,11 @@ def sample_rollouts(
         all M slots up front and every step reads them all. The rollouts are the same up to float
         round-off. Growing needs suffix caches whose leaves differ only in size between slot counts,
         slot i at index i (`DecoderFns`, and any cache of that form); other models get all M slots.
+      lockstep_axis: when this call runs under `jax.vmap(..., axis_name=lockstep_axis)` (a population of
+        policies, maxrl_jax/population.py): the decode loop's exit test is reduced over that axis, so one
+        loop with an unbatched step counter serves every instance (each still stops writing when its own
+        rollouts are done). Without it, vmap batches the counter and the cache writes become scatters.
+        The tokens are the same either way.
 
     Returns:
       `Rollouts` with [P, N, M] tokens / logprobs / mask; see the module docstring for conventions.
@@ -474,7 +486,7 @@ def sample_rollouts(
     return _sample_cached(
         model_fns, params, _as_prompts(prompts), rng, jnp.asarray(temperature, jnp.float32),
         num_rollouts=num_rollouts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, top_k=top_k,
-        top_p=top_p, pad_id=pad_id, windows=windows,
+        top_p=top_p, pad_id=pad_id, windows=windows, lockstep_axis=lockstep_axis,
     )
 
 

@@ -210,10 +210,11 @@ class PopulationProgram:
           stop_tokens=train_maze.STOP_TOKENS, reduction=config.objective.reduction,
           entropy_coef=self._get(hp, "objective.entropy_coef"),
           smoothing_gamma=self._get(hp, "objective.smoothing_gamma"),
-          self_filter=self._get(hp, "objective.self_filter"))
+          self_filter=self._get(hp, "objective.self_filter"), lockstep_axis=population_lib.MEMBER_AXIS)
 
     values = self.member_values
-    return jax.jit(jax.vmap(member_step, in_axes=(0, 0, 0, 0, None, None)), donate_argnums=0,
+    step = jax.vmap(member_step, in_axes=(0, 0, 0, 0, None, None), axis_name=population_lib.MEMBER_AXIS)
+    return jax.jit(step, donate_argnums=0,
                    in_shardings=(self.rl_sharding, values, values, values, rep, rep),
                    out_shardings=(self.rl_sharding, rep))
 
@@ -294,10 +295,11 @@ def _train_and_evaluate(config, workdir, members, mesh) -> dict:
   eval_body = functools.partial(
       train_steps.eval_counts, model_fns=model_fns, prompt_fn=maze.encode_prompts, verifier=maze.verify_groups,
       num_samples=config.eval.num_samples, max_new_tokens=config.rollout.max_new_tokens,
-      stop_tokens=train_maze.STOP_TOKENS)
+      stop_tokens=train_maze.STOP_TOKENS, lockstep_axis=population_lib.MEMBER_AXIS)
   eval_fn = jax.jit(
       lambda params, grids, member_keys, offset, temperature: jax.vmap(
-          lambda p, k: eval_body(p, grids, jax.random.fold_in(k, offset), temperature))(params, member_keys),
+          lambda p, k: eval_body(p, grids, jax.random.fold_in(k, offset), temperature),
+          axis_name=population_lib.MEMBER_AXIS)(params, member_keys),
       in_shardings=(rl_sharding.params, batch_sharding, member_values, rep, rep), out_shardings=rep)
   eval_keys = jax.device_put(stack(_KEY_EVAL, member_seeds), member_values)
   run_eval = functools.partial(

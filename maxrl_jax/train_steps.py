@@ -316,23 +316,25 @@ def rl_step(state: TrainState, tasks: Array, rng: Array, temperature: Array, *, 
             num_samples: int, max_new_tokens: int, stop_tokens: tuple[int, ...], reduction: str = "sequence_sum",
             entropy_coef: float | Array = 0.0, pad_id: int = 0, smoothing_gamma: float | Array = 0.0,
             self_filter: bool | Array = False, micro_batch_prompts: int | None = None,
-            micro_batch_rollouts: int | None = None, num_shards: int = 1) -> tuple[TrainState, dict]:
+            micro_batch_rollouts: int | None = None, num_shards: int = 1,
+            lockstep_axis: str | None = None) -> tuple[TrainState, dict]:
   """One on-policy RL step (pure): sample, verify, advantages, update. See `make_rl_step` for the arguments.
 
   A population (maxrl_jax/population.py) vmaps it over members; there `entropy_coef`, `smoothing_gamma` and
   `self_filter` may be per-member arrays: a member whose `self_filter` is False keeps all its advantages, and
-  its `greedy_solved_fraction` is reported as 0.
+  its `greedy_solved_fraction` is reported as 0. `lockstep_axis` names the vmap axis the sampler's decode
+  loop runs in lockstep over (sampling.sample_rollouts).
   """
   prompts = prompt_fn(tasks)
   rollouts = sampling.sample_rollouts(
       model_fns, state.params, prompts, rng, num_rollouts=num_samples, max_new_tokens=max_new_tokens,
-      temperature=temperature, stop_tokens=stop_tokens, pad_id=pad_id)
+      temperature=temperature, stop_tokens=stop_tokens, pad_id=pad_id, lockstep_axis=lockstep_axis)
   rewards = verifier(tasks, rollouts.tokens)  # [P, N]
   zero_prompts = None
   if self_filter is not False:
     greedy = sampling.sample_rollouts(
         model_fns, state.params, prompts, rng, num_rollouts=1, max_new_tokens=max_new_tokens,
-        temperature=0.0, stop_tokens=stop_tokens, pad_id=pad_id)
+        temperature=0.0, stop_tokens=stop_tokens, pad_id=pad_id, lockstep_axis=lockstep_axis)
     zero_prompts = verifier(tasks, greedy.tokens)[:, 0] > 0  # [P]
     if self_filter is not True:  # A per-member flag.
       zero_prompts = jnp.logical_and(zero_prompts, self_filter)
@@ -374,9 +376,10 @@ def make_eval_fn(
 
 
 def eval_counts(params, tasks: Array, rng: Array, temperature: Array, *, model_fns, prompt_fn, verifier: Verifier,
-                num_samples: int, max_new_tokens: int, stop_tokens: tuple[int, ...], pad_id: int = 0) -> Array:
+                num_samples: int, max_new_tokens: int, stop_tokens: tuple[int, ...], pad_id: int = 0,
+                lockstep_axis: str | None = None) -> Array:
   """Correct samples per task [P] int32 out of `num_samples` (pure; `make_eval_fn` jits it)."""
   rollouts = sampling.sample_rollouts(
       model_fns, params, prompt_fn(tasks), rng, num_rollouts=num_samples, max_new_tokens=max_new_tokens,
-      temperature=temperature, stop_tokens=stop_tokens, pad_id=pad_id)
+      temperature=temperature, stop_tokens=stop_tokens, pad_id=pad_id, lockstep_axis=lockstep_axis)
   return jnp.sum(verifier(tasks, rollouts.tokens), axis=-1).astype(jnp.int32)

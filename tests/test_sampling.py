@@ -399,3 +399,27 @@ class ShrinkingCacheModel(FixedDistributionModel):
     def init_suffix_cache(self, prefix_cache, num_rollouts, max_len):
         self.sizes.append(max_len)
         return jnp.zeros((prefix_cache.shape[0], num_rollouts, 20 - max_len))
+
+
+def test_lockstep_decode_under_vmap_equals_each_instance():
+    # A population of 3 policies vmapped with one decode loop (lockstep_axis): each instance's tokens,
+    # log-probs, lengths and own decode-step count equal its separate call, though the instances stop at
+    # different steps.
+    fns = dec.DecoderFns(TINY)
+    params = jax.vmap(fns.init)(jnp.stack([jax.random.key(i) for i in range(3)]))
+    prompts = jax.random.randint(jax.random.key(5), (3, NUM_PROMPTS, PROMPT_LEN), 0, 32, jnp.int32)
+    keys = jnp.stack([jax.random.key(10 + i) for i in range(3)])
+    kw = dict(SAMPLE_KW, max_new_tokens=40, stop_tokens=tuple(range(3, 9)), suffix_block=16)
+    together = jax.jit(jax.vmap(
+        lambda p, x, k: sampling.sample_rollouts(fns, p, x, k, lockstep_axis="member", **kw),
+        axis_name="member"))(params, prompts, keys)
+    steps = []
+    for i in range(3):
+        alone = sampling.sample_rollouts(fns, jax.tree_util.tree_map(lambda x: x[i], params), prompts[i],
+                                         keys[i], **kw)
+        np.testing.assert_array_equal(together.tokens[i], alone.tokens)
+        np.testing.assert_array_equal(together.lengths[i], alone.lengths)
+        np.testing.assert_allclose(together.logprobs[i], alone.logprobs, atol=1e-6)
+        assert int(together.num_steps[i]) == int(alone.num_steps)
+        steps.append(int(alone.num_steps))
+    assert len(set(steps)) > 1, steps  # The instances really stopped at different steps.
