@@ -143,6 +143,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Devices along the member axis; -1 = gcd(members, devices): members side by side, and the data / fsdp
   # axes of config.mesh inside a member over the remaining devices.
   cfg.population.member_devices = -1
+  # Members of a device group vmapped together in the RL step (the group loops over chunks): -1 = all on
+  # accelerators, 1 on the CPU; 0 = all; n = n at a time. Results are the same up to float round-off.
+  cfg.population.vmap_chunk = -1
 
   # Where the metrics go besides <workdir>/metrics.jsonl (and the PNG curves written at the end).
   cfg.logging = ml_collections.ConfigDict()

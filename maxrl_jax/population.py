@@ -305,6 +305,24 @@ def stacked_sharding(mesh: Mesh, size: int) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(_member_axis(mesh, size)))
 
 
+def vmap_chunk(config: ml_collections.ConfigDict, per_group: int, platform: str) -> int:
+  """Members of a device group computed together (vmapped) in the RL step; the group loops over chunks.
+
+  `population.vmap_chunk`: 0 = all of the group's members at once; -1 (auto) = all on accelerators, one at
+  a time on the CPU, where batching members only multiplies the working set (the update's activations) while
+  the cores are already busy with one member; n = n at a time (must divide the group's members).
+  """
+  requested = int(config.population.get("vmap_chunk", -1))
+  if requested == -1:
+    return per_group if platform != "cpu" else 1
+  if requested == 0:
+    return per_group
+  if requested < 0 or per_group % requested:
+    raise ValueError(f"config.population.vmap_chunk={requested} must divide the {per_group} members of each "
+                     "device group; use -1 (auto), 0 (all) or a divisor.")
+  return requested
+
+
 def describe(population: Sequence[Member], mesh: Mesh) -> str:
   per_device = len(population) // mesh.shape[MEMBER_AXIS]
   return (f"{len(population)} members ({len({m.label for m in population})} settings x "

@@ -19,7 +19,7 @@ import numpy as np
 
 # Fields that may differ between the first launch of a run and a resumed launch on the same workdir.
 RESUMABLE_FIELDS = ("progress_bar", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                    "population.member_devices")
+                    "population.member_devices", "population.vmap_chunk")
 # A run may resume on another device mesh or coordinator (checkpoints restore into the new shardings).
 # Where metrics are sent (TensorBoard, Weights & Biases) does not change what a run computes either.
 RESUMABLE_PREFIXES = ("mesh.", "logging.")

@@ -213,7 +213,25 @@ class PopulationProgram:
           self_filter=self._get(hp, "objective.self_filter"), lockstep_axis=population_lib.MEMBER_AXIS)
 
     values = self.member_values
-    step = jax.vmap(member_step, in_axes=(0, 0, 0, 0, None, None), axis_name=population_lib.MEMBER_AXIS)
+    vmapped = jax.vmap(member_step, in_axes=(0, 0, 0, 0, None, None), axis_name=population_lib.MEMBER_AXIS)
+    groups = self.mesh.shape[population_lib.MEMBER_AXIS]
+    per_group = len(self.members) // groups
+    chunk = population_lib.vmap_chunk(self.config, per_group, self.mesh.devices.flat[0].platform)
+
+    def step(state, data_keys, sampling_keys, hp, step_index, temperature):
+      if chunk == per_group:
+        return vmapped(state, data_keys, sampling_keys, hp, step_index, temperature)
+      # Each device group loops (lax.map) over its members in chunks of `chunk`, vmapped over the groups and
+      # the chunk: members k = g * per_group + i * chunk + j, i looped, (g, j) vmapped.
+      loops = per_group // chunk
+      split = lambda x: jnp.swapaxes(x.reshape((groups, loops, chunk) + x.shape[1:]), 0, 1).reshape(
+          (loops, groups * chunk) + x.shape[1:])
+      merge = lambda x: jnp.swapaxes(x.reshape((loops, groups, chunk) + x.shape[2:]), 0, 1).reshape(
+          (groups * loops * chunk,) + x.shape[2:])
+      inputs = jax.tree_util.tree_map(split, (state, data_keys, sampling_keys, hp))
+      outputs = jax.lax.map(lambda xs: vmapped(*xs, step_index, temperature), inputs)
+      return jax.tree_util.tree_map(merge, outputs)
+
     return jax.jit(step, donate_argnums=0,
                    in_shardings=(self.rl_sharding, values, values, values, rep, rep),
                    out_shardings=(self.rl_sharding, rep))

@@ -78,8 +78,9 @@ def timed(fn, state, steps):
   return statistics.median(times), first
 
 
-def bench_population(preset: str, size: int, steps: int) -> dict:
+def bench_population(preset: str, size: int, steps: int, vmap_chunk: int = -1) -> dict:
   config = population_config(preset, size)
+  config.population.vmap_chunk = vmap_chunk
   members = population.members(config)
   model_fns = decoder.DecoderFns(decoder.DecoderConfig.from_config(config.model))
   mesh = population.make_mesh(config, len(members))
@@ -94,7 +95,9 @@ def bench_population(preset: str, size: int, steps: int) -> dict:
   temperature = jnp.float32(config.rollout.temperature)
   seconds, first = timed(lambda s, i: step(s, data_keys, sampling_keys, program.hyper, jnp.int32(i + 1),
                                            temperature), state, steps)
+  chunk = population.vmap_chunk(config, size // mesh.shape[population.MEMBER_AXIS], jax.devices()[0].platform)
   return {"members": size, "labels": [m.name for m in members], "mesh": sharding.describe(mesh),
+          "vmap_chunk": chunk,
           "step_s": seconds, "per_member_s": seconds / size, "compile_and_first_step_s": first}
 
 
@@ -129,6 +132,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--sizes", default="1,2,8,24", help="Population sizes K.")
   parser.add_argument("--steps", type=int, default=3, help="Timed steps per measurement (after a warm-up).")
   parser.add_argument("--out", default="", help="Also write the JSON here.")
+  parser.add_argument("--vmap_chunk", type=int, default=-1,
+                      help="config.population.vmap_chunk: -1 auto (all on accelerators, 1 on CPU), 0 all.")
   args = parser.parse_args(argv)
   sizes = [int(s) for s in args.sizes.split(",")]
   entries = table_entries(args.preset)
@@ -140,7 +145,7 @@ def main(argv=None) -> dict:
     print(f"[bench_population] single {result['label']}: {result['step_s']:.4f} s/step", file=sys.stderr)
   rows = []
   for size in sizes:
-    row = bench_population(args.preset, size, args.steps)
+    row = bench_population(args.preset, size, args.steps, args.vmap_chunk)
     labels = [name.split("/")[0] for name in row["labels"]]
     row["separate_runs_step_s"] = sum(singles[label]["step_s"] for label in labels)
     row["separate_over_population"] = row["separate_runs_step_s"] / row["step_s"]

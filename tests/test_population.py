@@ -278,13 +278,21 @@ def test_dry_run_lists_the_members():
   assert "once per seed (3)" in work["population work"]
 
 
-def test_population_benchmark_runs_at_toy_size(tmp_path):
-  sys.path.insert(0, os.path.join(REPO, "scripts"))
-  import bench_population  # pylint: disable=import-outside-toplevel
-  report = bench_population.main(["--preset=tiny", "--sizes=1,2", "--steps=1", f"--out={tmp_path / 'b.json'}"])
+def test_gpu_population_script_runs_at_toy_size(tmp_path):
+  # What a lent accelerator runs (scripts/gpu_population.sh), at toy size: the benchmark's JSON and the
+  # objective table trained as one population, with its report.
+  env = dict(os.environ, DRY="1", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_population.sh"), str(tmp_path)], env=env,
+                        capture_output=True, text=True, timeout=900)
+  log = (tmp_path / "log.txt").read_text() if (tmp_path / "log.txt").exists() else ""
+  assert proc.returncode == 0, proc.stdout[-3000:] + log[-5000:]
+  report = json.loads((tmp_path / "population_bench.json").read_text())
   assert [row["members"] for row in report["populations"]] == [1, 2]
   assert report["populations"][1]["labels"] == ["maxrl/seed0", "grpo/seed0"]
   assert set(report["single_runs"]) == {"maxrl", "grpo"}
   for row in report["populations"]:
     assert row["step_s"] > 0 and row["separate_runs_step_s"] > 0
-  assert json.loads((tmp_path / "b.json").read_text()) == json.loads(json.dumps(report))
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert len(results["rows"]) == 8  # The whole objective table, one population.
+  for name in ("results.md", "population.png", "objectives.tar.gz"):
+    assert (tmp_path / name).exists(), name
