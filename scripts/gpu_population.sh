@@ -8,7 +8,8 @@
 #
 #   bash scripts/gpu_population.sh OUT                    # on the GPU
 #   WHEELS=dir bash scripts/gpu_population.sh OUT         # installs the wheels in dir first (gpu_objectives.sh)
-#   DRY=1 bash scripts/gpu_population.sh /tmp/o           # toy sizes, any machine (checks the script works)
+#   DRY=1 bash scripts/gpu_population.sh /tmp/o           # the benchmark at toy size, any machine
+#   DRY=1 TABLE=1 bash scripts/gpu_population.sh /tmp/o   # and the table at toy size (PRESET=tiny)
 #
 # Writes into OUT: population_bench.json, log.txt, and gpu_objectives.sh's files (results.md, results.json,
 # population.png, objectives.tar.gz, ...). Exit status: the first failure's.
@@ -34,7 +35,9 @@ echo "== bench_population: python3 scripts/bench_population.py $bench_args" | te
 timeout "$bench_limit" python3 scripts/bench_population.py $bench_args --out="$out/population_bench.json" \
   >>"$out/log.txt" 2>&1 || { rc=$?; [ "$status" -eq 0 ] && status=$rc; }
 echo "== bench_population: exit $status after $(( $(date +%s) - start )) s" | tee -a "$out/log.txt"
-PRESET="$preset" timeout "$table_limit" bash scripts/gpu_objectives.sh "$out" \
-  || { rc=$?; [ "$status" -eq 0 ] && status=$rc; }
+if [ -z "${DRY:-}" ] || [ -n "${TABLE:-}" ]; then
+  PRESET="$preset" timeout "$table_limit" bash scripts/gpu_objectives.sh "$out" \
+    || { rc=$?; [ "$status" -eq 0 ] && status=$rc; }
+fi
 echo "== done after $(( $(date +%s) - start )) s (status $status)" | tee -a "$out/log.txt"
 exit "$status"

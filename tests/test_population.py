@@ -279,8 +279,9 @@ def test_dry_run_lists_the_members():
 
 
 def test_gpu_population_script_runs_at_toy_size(tmp_path):
-  # What a lent accelerator runs (scripts/gpu_population.sh), at toy size: the benchmark's JSON and the
-  # objective table trained as one population, with its report.
+  # What a lent accelerator runs (scripts/gpu_population.sh), at toy size: the benchmark's JSON. (Its second
+  # part, scripts/gpu_objectives.sh, runs experiments.maze_objectives, which test_ablations and
+  # test_reproduce run as populations.)
   env = dict(os.environ, DRY="1", JAX_PLATFORMS="cpu")
   proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_population.sh"), str(tmp_path)], env=env,
                         capture_output=True, text=True, timeout=900)
@@ -292,7 +293,3 @@ def test_gpu_population_script_runs_at_toy_size(tmp_path):
   assert set(report["single_runs"]) == {"maxrl", "grpo"}
   for row in report["populations"]:
     assert row["step_s"] > 0 and row["separate_runs_step_s"] > 0
-  results = json.loads((tmp_path / "results.json").read_text())
-  assert len(results["rows"]) == 8  # The whole objective table, one population.
-  for name in ("results.md", "population.png", "objectives.tar.gz"):
-    assert (tmp_path / name).exists(), name
