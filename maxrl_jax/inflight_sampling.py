@@ -129,15 +129,8 @@ def _prefill(model_fns, params, prompts: Array | sampling.PaddedPrompts) -> tupl
   return model_fns.prefill(params, prompts)
 
 
-def _check_options(num_rollouts: int, max_new_tokens: int, stop_tokens: Sequence[int], top_k: int | None,
-                   top_p: float | None) -> tuple[int, ...]:
-  if num_rollouts < 1 or max_new_tokens < 1:
-    raise ValueError(f"num_rollouts={num_rollouts} and max_new_tokens={max_new_tokens} must be >= 1.")
-  if top_k is not None and top_k < 1:
-    raise ValueError(f"top_k must be >= 1 or None, got {top_k}.")
-  if top_p is not None and not 0.0 < top_p <= 1.0:
-    raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}.")
-  return tuple(int(t) for t in stop_tokens)
+# The same option checks as the static sampler's.
+_check_options = sampling._check_options  # pylint: disable=protected-access
 
 
 def _prompt_ids(prompt_ids: Array | None, num_prompts: int) -> Array:

@@ -42,7 +42,10 @@ from maxrl_jax.models import decoder
 from maxrl_jax.tasks import maze
 from maxrl_jax.tasks import maze_dataset
 
-_KEY_INIT, _KEY_SFT_DATA, _KEY_RL_DATA, _KEY_RL_SAMPLING, _KEY_EVAL = range(5)  # As train_maze's.
+# The streams derived from a seed, exactly as a single run derives them.
+_KEY_INIT, _KEY_SFT_DATA, _KEY_RL_DATA, _KEY_RL_SAMPLING, _KEY_EVAL = (  # pylint: disable=protected-access
+    train_maze._KEY_INIT, train_maze._KEY_SFT_DATA, train_maze._KEY_RL_DATA, train_maze._KEY_RL_SAMPLING,
+    train_maze._KEY_EVAL)
 
 
 def validate(config: ml_collections.ConfigDict) -> list[population_lib.Member]:
@@ -89,10 +92,9 @@ def _check_memory(config, model_config, mesh, members_per_group: int) -> None:
 def eval_population(eval_fn, params, grids: jax.Array, chunk: int, keys: jax.Array, num_samples: int, ks,
                     temperature: float, num_members: int) -> list[dict]:
   """Held-out metrics of every member ([K] stacked `params`, eval keys [K]); see train_maze.evaluate."""
-  counts = []
-  for i in range(0, grids.shape[0], chunk):
-    counts.append(np.asarray(eval_fn(params, grids[i:i + chunk], keys, jnp.int32(i), jnp.float32(temperature))))
-  counts = np.concatenate(counts, axis=1)  # [K, M]
+  counts = [eval_fn(params, grids[i:i + chunk], keys, jnp.int32(i), jnp.float32(temperature))
+            for i in range(0, grids.shape[0], chunk)]  # Dispatched back to back, fetched once.
+  counts = np.asarray(jnp.concatenate(counts, axis=1))  # [K, M]
   return [train_maze.eval_metrics(counts[k], num_samples, ks) for k in range(num_members)]
 
 

@@ -279,7 +279,7 @@ def test_dry_run_lists_the_members():
 
 
 def test_gpu_population_script_runs_at_toy_size(tmp_path):
-  # What a lent accelerator runs (scripts/gpu_population.sh), at toy size: the benchmark's JSON. (Its second
+  # What an accelerator run starts with (scripts/gpu_population.sh), at toy size: the benchmark's JSON. (Its second
   # part, scripts/gpu_objectives.sh, runs experiments.maze_objectives, which test_ablations and
   # test_reproduce run as populations.)
   env = dict(os.environ, DRY="1", JAX_PLATFORMS="cpu")
