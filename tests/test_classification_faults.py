@@ -17,6 +17,7 @@ from maxrl_jax.classification import train as train_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from configs import classification as cls_configs  # noqa: E402
+import run_files  # noqa: E402  (tests/run_files.py)
 
 TIMING_FIELDS = ("examples_per_s",)
 EVALS = ("eval", "eval_train", "initial_eval")
@@ -44,41 +45,23 @@ def tiny_config(data_dir, **overrides):
   config.eval.num_train_examples = 200
   config.rollout.num_samples = 64
   config.checkpoint.every_steps = 10
-  for path, value in overrides.items():
-    node = config
-    *parents, leaf = path.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return run_files.with_overrides(config, overrides)
 
 
-def _metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+_metrics = run_files.metrics
 
 
 def _deterministic(records):
-  return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+  return run_files.without(records, TIMING_FIELDS)
 
 
-def _summary(workdir):
-  with open(os.path.join(workdir, "summary.json")) as f:
-    return json.load(f)
+_summary = run_files.summary
 
 
-def _flip_bytes(path, count=400):
-  with open(path, "r+b") as f:
-    data = bytearray(f.read())
-    for i in range(min(count, len(data))):
-      data[(i * 7919) % len(data)] ^= 0xFF
-    f.seek(0)
-    f.write(data)
+_flip_bytes = run_files.flip_bytes
 
 
-def _largest_file(directory):
-  files = [os.path.join(r, n) for r, _, ns in os.walk(directory) for n in ns]
-  return max(files, key=os.path.getsize)
+_largest_file = run_files.largest_file
 
 
 @pytest.fixture(scope="module")

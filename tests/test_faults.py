@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from maxrl_jax import checkpoints
@@ -22,33 +21,23 @@ from maxrl_jax import workdir as workdir_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from configs import maze as maze_config  # noqa: E402
+import run_files  # noqa: E402  (tests/run_files.py)
 
 TIMING_FIELDS = ("step_time_s", "tokens_per_s")
 
 
 def tiny_config(**overrides):
-  config = maze_config.get_config("tiny")
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return run_files.with_overrides(maze_config.get_config("tiny"), overrides)
 
 
-def _metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+_metrics = run_files.metrics
 
 
 def _deterministic(records):
-  return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+  return run_files.without(records, TIMING_FIELDS)
 
 
-def _summary(workdir):
-  with open(os.path.join(workdir, "summary.json")) as f:
-    return json.load(f)
+_summary = run_files.summary
 
 
 @pytest.fixture(scope="module")
@@ -99,18 +88,10 @@ def test_a_record_cut_by_a_kill_mid_write_is_not_an_error(finished, copy):
   assert summary["eval"] == _summary(finished)["eval"]
 
 
-def _flip_bytes(path, count=400):
-  with open(path, "r+b") as f:
-    data = bytearray(f.read())
-    for i in range(min(count, len(data))):
-      data[(i * 7919) % len(data)] ^= 0xFF
-    f.seek(0)
-    f.write(data)
+_flip_bytes = run_files.flip_bytes
 
 
-def _largest_file(directory):
-  files = [os.path.join(r, n) for r, _, ns in os.walk(directory) for n in ns]
-  return max(files, key=os.path.getsize)
+_largest_file = run_files.largest_file
 
 
 def test_a_corrupted_checkpoint_falls_back_to_the_previous_good_one(finished, copy):
