@@ -252,6 +252,9 @@ def test_sft_batch_alignment(tiny_sft_batch):
         numbers, target = problems.numbers[b].tolist(), int(problems.target[b])
         assert ref.verify(numbers, target, inputs[b, prompt_len:].tolist()) == 1.0
         assert target in ref.reachable(tuple(sorted(numbers)))
+    # The response half of every row is accepted by the verifier.
+    rewards = np.asarray(_verify_groups(jax.tree.map(jnp.asarray, problems), jnp.asarray(inputs[:, None, prompt_len:])))
+    assert (rewards == 1.0).all()
     assert _sft_batch._cache_size() == 1
     # The default spec's shapes, without compiling.
     shapes = jax.eval_shape(lambda key: cd.sft_batch(key, 256, SPEC), jax.random.key(0))
@@ -499,12 +502,13 @@ def _small_number_problems(rng, count):
 
 @pytest.fixture(scope="module")
 def fuzz_batch(default_problems):
-    """(numbers [P, 4], targets [P], responses int32 [P, 8, 24]): 768 default-spec and 256 small-number problems."""
+    """(numbers [P, 4], targets [P], responses int32 [P, 8, 24]): all 1024 default-spec problems (slot 0 holds
+    each one's generated solution) and 256 small-number problems."""
     rng = np.random.default_rng(3)
     small_numbers, small_targets, small_solutions = _small_number_problems(rng, 256)
-    numbers = np.concatenate([default_problems.numbers[:768], small_numbers])
-    targets = np.concatenate([default_problems.target[:768], small_targets])
-    solutions = [_text(s, n) for s, n in zip(default_problems.solution[:768], default_problems.solution_length[:768])]
+    numbers = np.concatenate([default_problems.numbers, small_numbers])
+    targets = np.concatenate([default_problems.target, small_targets])
+    solutions = [_text(s, n) for s, n in zip(default_problems.solution, default_problems.solution_length)]
     solutions += small_solutions
     rows = []
     for nums, target, solution in zip(numbers.tolist(), targets.tolist(), solutions):
@@ -526,7 +530,7 @@ def test_verifier_matches_reference_on_fuzzed_responses(fuzz_batch):
         f"{len(mismatches)} mismatches, first: numbers {numbers[mismatches[0][0]].tolist()}, target "
         f"{targets[mismatches[0][0]]}, response {cd.detokenize(responses[tuple(mismatches[0])])!r}, got "
         f"{rewards[tuple(mismatches[0])]}, reference: {reasons[tuple(mismatches[0])]}")
-    assert (rewards[:, 0] == 1.0).all()  # every generated solution verifies
+    assert (rewards[:, 0] == 1.0).all()  # every generated solution (and every small-number one) verifies
     counts = collections.Counter(reasons.ravel().tolist())
     minimum = {"ok": 1500, "wrong value": 300, "numbers differ": 300, "malformed": 300, "no EOS": 300,
                "foreign token": 50, "leading zero": 20, "division by zero": 20, "inexact division": 100}

@@ -301,22 +301,28 @@ def _number_pieces(value: jax.Array, width: int) -> tuple[list, list]:
     return tokens, keep
 
 
-def _shape_candidate(shape, leaves: jax.Array, ops: jax.Array, width: int):
+def _shape_candidate(shape, leaves: jax.Array, ops: jax.Array, width: int, memo: dict):
     """Evaluates and writes one static tree shape: (value, valid, tokens [C], keep [C]).
 
     Operators are numbered in postfix order; `tokens` holds every token the shape could write (all digit
     slots, every operator, a parenthesis pair around every non-root operator node) and `keep` says which of
-    them the canonical form writes.
+    them the canonical form writes. `memo` (one dict for all shapes of a tree) shares the leaves' digits and
+    the subtrees that several shapes have in common, so each is built once.
     """
     op_counter = itertools.count()
 
     def visit(node):
         # Returns value, valid, precedence (3 for a leaf), tokens, keep, whether the node is a leaf (static).
         if isinstance(node, int):
-            tokens, keep = _number_pieces(leaves[node], width)
-            return leaves[node], jnp.bool_(True), jnp.int32(3), tokens, keep, True
+            if node not in memo:
+                tokens, keep = _number_pieces(leaves[node], width)
+                memo[node] = leaves[node], jnp.bool_(True), jnp.int32(3), tokens, keep, True
+            return memo[node]
         left, right = visit(node[0]), visit(node[1])
-        op = ops[next(op_counter)]
+        op_position = next(op_counter)
+        if (node, op_position) in memo:
+            return memo[node, op_position]
+        op = ops[op_position]
         prec = _precedence(op)
         value, valid = _apply(op, left[0], right[0])
         tokens, keep = [], []
@@ -330,7 +336,8 @@ def _shape_candidate(shape, leaves: jax.Array, ops: jax.Array, width: int):
             if child is left:
                 tokens.append(PLUS + op)
                 keep.append(jnp.bool_(True))
-        return value, valid & left[1] & right[1], prec, tokens, keep, False
+        memo[node, op_position] = value, valid & left[1] & right[1], prec, tokens, keep, False
+        return memo[node, op_position]
 
     value, valid, _, tokens, keep, _ = visit(shape)
     return value, valid, jnp.stack([jnp.asarray(t, jnp.int32) for t in tokens]), jnp.stack(
@@ -359,7 +366,9 @@ def _candidate(key: jax.Array, spec: CountdownSpec):
 
 def _evaluate(leaves, shape_index, ops, spec: CountdownSpec):
     """(value, valid) of the tree `tree_shapes(K)[shape_index]` over `leaves` with operators `ops`."""
-    results = [_shape_candidate(shape, leaves, ops, number_width(spec))[:2] for shape in tree_shapes(spec.num_numbers)]
+    memo = {}
+    results = [_shape_candidate(shape, leaves, ops, number_width(spec), memo)[:2]
+               for shape in tree_shapes(spec.num_numbers)]
     values, valids = (jnp.stack(xs) for xs in zip(*results))
     return values[shape_index], valids[shape_index]
 
@@ -367,7 +376,9 @@ def _evaluate(leaves, shape_index, ops, spec: CountdownSpec):
 def _write(leaves, shape_index, ops, spec: CountdownSpec):
     """(solution int32 [S], length) of the tree: its canonical tokens compacted to the front, then PAD."""
     size = max_solution_length(spec)
-    results = [_shape_candidate(shape, leaves, ops, number_width(spec))[2:] for shape in tree_shapes(spec.num_numbers)]
+    memo = {}
+    results = [_shape_candidate(shape, leaves, ops, number_width(spec), memo)[2:]
+               for shape in tree_shapes(spec.num_numbers)]
     tokens, keep = (jnp.stack(xs)[shape_index] for xs in zip(*results))  # [C] each, C = size
     position = jnp.where(keep, jnp.cumsum(keep) - 1, size)
     solution = jnp.full((size,), PAD, jnp.int32).at[position].set(tokens, mode="drop")
@@ -760,9 +771,10 @@ def problem_hashes(problems: Problems) -> jax.Array:
 
     Problems with the same multiset of numbers and the same target hash equally in any number order. On every
     valid spec's range (K <= 4 numbers in 1..99, target in 0..1000) the hash is injective: the sorted numbers
-    x_1 <= ... <= x_K (x = number - 1 in 0..98) are ranked in the combinatorial number system
-    (rank = sum_i C(x_i + i, i + 1), i from 0, a bijection onto [0, C(98 + K, K)), C(102, 4) = 4,249,575),
-    and rank * 1001 + target < 4,249,575 * 1001 < 2^32. Out-of-range values still hash deterministically.
+    x_0 <= ... <= x_{K-1} (x = number - 1, in 0..98) are ranked in the combinatorial number system,
+    rank = sum_{i=0}^{K-1} C(x_i + i, i + 1) (x_i + i is strictly increasing, so this is a bijection from the
+    multisets onto [0, C(98 + K, K)); C(102, 4) = 4,249,575), and the hash is rank * 1001 + target
+    <= 4,249,574 * 1001 + 1000 < 2^32. Out-of-range values still hash deterministically.
     """
     _check_problems(problems)
     x = jnp.sort(problems.numbers.astype(jnp.int32), axis=-1) - 1
@@ -876,10 +888,10 @@ def heldout_problems(spec: CountdownSpec, num: int, seed: int = 0) -> Problems:
 
 
 def heldout_mass(heldout: Problems, spec: CountdownSpec, num_draws: int = 4096, seed: int = 0) -> float:
-    """Share of the generator's law taken by a held-out set: the fraction of `num_draws` fresh problems in it."""
-    table = jnp.asarray(hash_table(heldout))
-    draws = _generate_problems(jax.random.key(seed), num_draws, spec)
-    return float(count_in_table(draws, table)) / num_draws
+    """Share of the generator's law taken by a held-out set: the fraction of `num_draws` fresh problems
+    (`generate_problems(key(seed), num_draws, spec)`) that are in it (host side)."""
+    draws = _generate_problems(jax.random.key(seed), _check_count(num_draws, "num_draws"), spec)
+    return float(np.mean(np.isin(np.asarray(_problem_hashes(draws)), hash_table(heldout))))
 
 
 _generate_problems = jax.jit(generate_problems, static_argnums=(1, 2))
