@@ -154,7 +154,7 @@ def test_generated_problems(which, default_problems, tiny_sft_batch):
     # Numbers are uniform over 1..max_number before acceptance; acceptance favours none so strongly that a
     # value is missing from a thousand numbers.
     assert set(problems.numbers.ravel().tolist()) == set(range(1, spec.max_number + 1))
-    # Every value of every length up to the bound occurs: the bound is attained.
+    # The length bound is attained (all numbers of full width and K - 2 pairs of parentheses).
     assert problems.solution_length.max() == cd.max_solution_length(spec)
     for numbers, target, solution, length in zip(problems.numbers.tolist(), problems.target.tolist(),
                                                  problems.solution.tolist(), problems.solution_length.tolist()):
@@ -253,7 +253,8 @@ def test_sft_batch_alignment(tiny_sft_batch):
         assert ref.verify(numbers, target, inputs[b, prompt_len:].tolist()) == 1.0
         assert target in ref.reachable(tuple(sorted(numbers)))
     # The response half of every row is accepted by the verifier.
-    rewards = np.asarray(_verify_groups(jax.tree.map(jnp.asarray, problems), jnp.asarray(inputs[:, None, prompt_len:])))
+    responses = jnp.asarray(inputs[:, None, prompt_len:])  # [B, 1, R]
+    rewards = np.asarray(_verify_groups(jax.tree.map(jnp.asarray, problems), responses))
     assert (rewards == 1.0).all()
     assert _sft_batch._cache_size() == 1
     # The default spec's shapes, without compiling.
