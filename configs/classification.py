@@ -13,7 +13,7 @@ Run one configuration (the tiny default needs no download and trains in about 10
   python -m maxrl_jax.main --config=configs/classification.py:tiny --workdir=/tmp/cls/ce \
       --config.objective.name=cross_entropy
   python -m maxrl_jax.main --config=configs/classification.py:tiny --workdir=/tmp/cls/mac \
-      --config.objective.name=maclaurin --config.objective.kwargs.order=16
+      --config.objective.name=maclaurin --config.objective.order=16
 
 The sweep over objectives x N with its table and plots:
 
@@ -33,6 +33,8 @@ to read them. The data dir is <workdir>/tfds unless --config.data.data_dir names
 
 import ml_collections
 from ml_collections import config_dict
+
+from configs import common
 
 PRESETS = ("tiny", "mnist", "cifar10", "cifar100", "imagenet")
 
@@ -71,21 +73,11 @@ def _base() -> ml_collections.ConfigDict:
   config.data.num_workers = 8  # threads decoding streamed images
 
   # Objective: 'cross_entropy' (exact ML) or an estimator of maxrl_jax.estimators (reinforce, rloo, dr_grpo,
-  # grpo, maxrl, maclaurin, pkpo). kwargs go to estimators.get_advantage_fn; unset (None) entries are
-  # dropped, so e.g. --config.objective.kwargs.order=16 is only needed for maclaurin.
-  config.objective = ml_collections.ConfigDict()
-  config.objective.name = "maxrl"
-  config.objective.kwargs = ml_collections.ConfigDict()
-  config.objective.kwargs.order = config_dict.placeholder(int)  # maclaurin: T
-  config.objective.kwargs.k = config_dict.placeholder(int)  # pkpo: k
-  config.objective.kwargs.eps = config_dict.placeholder(float)  # grpo: std epsilon
-  config.objective.kwargs.zero_failed_groups = config_dict.placeholder(bool)  # maxrl
-  config.objective.kwargs.baseline = config_dict.placeholder(bool)  # pkpo
-  # The official code's forms (ours are the defaults; see maxrl_jax.estimators): pkpo form "official";
-  # maclaurin cap_order_at_n=True (an order above N means N); grpo population_std=True (std over N, not N-1).
-  config.objective.kwargs.form = config_dict.placeholder(str)  # pkpo: "unbiased" | "official"
-  config.objective.kwargs.cap_order_at_n = config_dict.placeholder(bool)  # maclaurin
-  config.objective.kwargs.population_std = config_dict.placeholder(bool)  # grpo
+  # grpo, maxrl, maclaurin, pkpo) with its options (unset ones take the estimator's defaults, so e.g.
+  # --config.objective.order=16 is only needed for maclaurin). The official code's forms: pkpo_form="official",
+  # maclaurin cap_order_at_n=True, grpo population_std=True. The count-based losses take no entropy bonus,
+  # Differential Smoothing or SELF.
+  config.objective = common.objective("maxrl")
 
   # Rollouts: N classes drawn per input from the softmax (ignored by cross_entropy).
   config.rollout = ml_collections.ConfigDict()
@@ -104,16 +96,14 @@ def _base() -> ml_collections.ConfigDict:
   config.optim.schedule = "cosine"  # cosine (to 0, after a linear warm-up) | constant
   config.optim.warmup_epochs = 0.0  # linear warm-up length in epochs ...
   config.optim.warmup_steps = -1  # ... or in steps (>= 0 overrides warmup_epochs)
-  config.optim.grad_clip_norm = 0.0  # global-norm clipping; 0 disables
+  config.optim.grad_clip = 0.0  # global-norm clipping; 0 disables
 
   # Training loop.
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # inputs per step (global, split over devices)
   config.train.num_epochs = 1.0
   config.train.num_steps = -1  # > 0 overrides num_epochs
-  config.train.log_every = 100  # steps between train lines in metrics.jsonl
-  config.train.steps_per_call = 100  # steps fused in one jitted lax.scan; must divide log_every and eval
-  config.train.progress_bar = True  # tqdm bar with ETA
+  config.train.steps_per_call = 100  # steps fused in one jitted lax.scan; must divide the log, eval, checkpoint intervals
 
   # Evaluation (analytic pass@k from the exact p, top-1 = majority vote as the sample count grows).
   config.eval = ml_collections.ConfigDict()
@@ -121,19 +111,13 @@ def _base() -> ml_collections.ConfigDict:
   config.eval.batch_size = 1000
   config.eval.max_examples = -1  # held-out examples used; -1: the whole split
   config.eval.num_train_examples = 2000  # fixed random subset of the train split, evaluated the same way
-  config.eval.pass_at_k = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+  config.eval.ks = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
-  # Checkpoints (orbax, workdir/checkpoints/train/<step>); the last one is always written.
-  config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every_steps = 0  # 0: only at the end
-  config.checkpoint.resume = True  # continue from workdir's checkpoint if there is one
-  config.checkpoint.keep = 2  # checkpoints kept (workdir/checkpoints/train/<step>)
-
-  # Where metrics go besides metrics.jsonl (maxrl_jax/run_logging.py); may change when a run resumes.
-  config.logging = ml_collections.ConfigDict()
-  config.logging.tensorboard = True  # event files in workdir/tensorboard (`tensorboard --logdir=WORKDIR`)
-  config.logging.wandb = False  # True: also a Weights & Biases run (`pip install wandb`)
-  config.logging.wandb_project = "maxrl_jax"
+  config.mesh = common.mesh()
+  config.logging = common.logging()
+  # Checkpoints (orbax, workdir/checkpoints/train/<step>) every checkpoint_every_steps (0: only at the end;
+  # the last step is always saved).
+  common.add_run_fields(config, log_every_steps=100, checkpoint_every_steps=0, keep_checkpoints=2)
   return config
 
 
@@ -170,7 +154,7 @@ def get_config(arg=None):
     config.train.batch_size = 256
     config.train.num_epochs = 20.0
     config.optim.warmup_epochs = 2.0
-    config.train.log_every = 50
+    config.log_every_steps = 50
     config.train.steps_per_call = 50
     config.eval.every_steps = 1000
     config.eval.num_train_examples = 10_000
@@ -195,11 +179,11 @@ def get_config(arg=None):
     config.optim.momentum = 0.9
     config.optim.weight_decay = 1e-4
     config.optim.warmup_epochs = 2.0
-    config.train.log_every = 100
+    config.log_every_steps = 100
     config.train.steps_per_call = 1  # streamed batches: one step per call
     config.eval.every_steps = 1000
     config.eval.batch_size = 500
     config.eval.num_train_examples = 10_000
-    config.checkpoint.every_steps = 5000
+    config.checkpoint_every_steps = 5000
 
   return config

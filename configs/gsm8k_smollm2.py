@@ -22,16 +22,18 @@ docs/language_models.md gives the memory each preset needs.
 
 import ml_collections
 
+from configs import common
+
 # The question + " " + this, as the official GSM8K preprocessing (examples/maxrl_data_preprocess/gsm8k.py).
 PAPER_PROMPT_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every field of the text trainer (maxrl_jax/text/train.py), at the paper's GSM8K settings."""
+  """Every field of the text task (maxrl_jax/tasks/text.py), at the paper's GSM8K settings."""
   cfg = ml_collections.ConfigDict()
   cfg.task = "text"
   cfg.preset = "paper"
-  cfg.seed = 0  # One seed; named keys (sft, rl sampling, eval) and the data order derive from it.
+  cfg.seed = 0  # One seed; named keys (init, sft data, rl data order, rl sampling, eval) derive from it.
 
   # Policy: a local Hugging Face checkpoint (Llama / SmolLM2, Qwen2 / Qwen2.5, Qwen3; safetensors).
   cfg.model = ml_collections.ConfigDict()
@@ -65,22 +67,16 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.data.synthetic_max_operand = 4
 
   # Optional supervised warm-up on the reference solutions (0 steps in the paper; tiny presets use it so
-  # that a random model reaches a non-zero pass rate).
-  cfg.sft = ml_collections.ConfigDict()
-  cfg.sft.steps = 0
-  cfg.sft.batch_size = 16
-  cfg.sft.learning_rate = 1e-5
+  # that a random model reaches a non-zero pass rate). AdamW with the RL phase's betas, decay and clip.
+  cfg.sft = common.sft(steps=0, batch_size=16, learning_rate=1e-5, b1=0.9, b2=0.999, weight_decay=0.01,
+                       grad_clip=1.0)
   cfg.sft.max_response_tokens = 512
 
   # Rollouts: P prompts x N samples per RL step, prefix-shared KV-cache sampler.
-  cfg.rollout = ml_collections.ConfigDict()
-  cfg.rollout.num_prompts = 256  # P.
-  cfg.rollout.num_samples = 128  # N.
-  cfg.rollout.max_new_tokens = 2048  # Response cap.
-  cfg.rollout.temperature = 1.0  # Training temperature (the paper: 1.0).
+  cfg.rollout = common.rollout(num_prompts=256, num_samples=128, max_new_tokens=2048, temperature=1.0)
   # Prompts per sampling call (KV cache: chunk x N x max_new_tokens tokens); 0: the most that fit the device's
-  # memory (the memory plan, cfg.memory). The call's key is fold_in(step key, chunk index), so the rollouts
-  # drawn depend on the chunk size.
+  # memory (the memory plan, cfg.memory). Call c of a step uses fold_in(step key, c), so the rollouts drawn
+  # depend on the chunk size.
   cfg.rollout.prompt_chunk = 0
   cfg.rollout.length_bucket = 256  # The update runs on responses cut to the longest, rounded up to this.
   # 0: static batching, each call decodes prompt_chunk x N rows until its longest rollout stops. S > 0:
@@ -100,33 +96,16 @@ def base_config() -> ml_collections.ConfigDict:
   # zero_reward_on_max_response_length=True. False scores them like any other response.
   cfg.verifier.zero_truncated = True
 
-  # The objective: an estimator of maxrl_jax.estimators and the loss reduction.
-  cfg.objective = ml_collections.ConfigDict()
-  cfg.objective.name = "maxrl"
-  cfg.objective.order = ml_collections.config_dict.placeholder(int)  # T, for maclaurin.
-  cfg.objective.k = ml_collections.config_dict.placeholder(int)  # k, for pkpo (the paper's table: 16).
-  cfg.objective.zero_failed_groups = True
-  # "token_mean": sum over every response token / number of tokens, verl's default and the official
-  # scripts' (the paper's appendix writes the 1/T form). It weights each rollout by its length, so it is not
-  # an unbiased estimate of the objective's gradient; "sequence_sum" (sum over a rollout's tokens, mean over
-  # rollouts) is. The two differ in scale by about the mean response length: with grad_clip the effective
-  # step differs too.
-  cfg.objective.reduction = "token_mean"
-  cfg.objective.entropy_coef = 0.0
+  # The objective: an estimator of maxrl_jax.estimators and the loss around it. "token_mean" is verl's
+  # default and the official scripts' (the paper's appendix writes the 1/T form); it weights each rollout by
+  # its length, so it is not an unbiased estimate of the objective's gradient, "sequence_sum" is.
+  cfg.objective = common.objective("maxrl", reduction="token_mean")
 
-  # RL optimiser: AdamW, one update per step (on-policy). Betas / weight decay / clip: verl's defaults, which
-  # the official GSM8K script keeps (fsdp_workers.py: betas (0.9, 0.999); ppo_trainer.yaml: 0.01, clip 1.0).
-  cfg.rl = ml_collections.ConfigDict()
-  cfg.rl.steps = 1500  # ~51 epochs of GSM8K train at 256 prompts per step.
-  cfg.rl.learning_rate = 1e-5
-  cfg.rl.warmup_steps = 0
-  cfg.rl.b1 = 0.9
-  cfg.rl.b2 = 0.999
-  cfg.rl.weight_decay = 0.01
-  cfg.rl.grad_clip = 1.0
-  # Gradient accumulation: prompts x rollouts per micro-batch; 0: the most rollouts that fit (memory plan).
-  cfg.rl.micro_batch_prompts = 0
-  cfg.rl.micro_batch_rollouts = 0
+  # RL: AdamW, one update per step (on-policy). Betas / weight decay / clip: verl's defaults, which the
+  # official GSM8K script keeps (fsdp_workers.py: betas (0.9, 0.999); ppo_trainer.yaml: 0.01, clip 1.0).
+  # 1500 steps are ~51 epochs of GSM8K train at 256 prompts per step. Micro-batches 0: the most rollouts that
+  # fit (memory plan).
+  cfg.rl = common.rl(steps=1500, learning_rate=1e-5, b1=0.9, b2=0.999, weight_decay=0.01, grad_clip=1.0)
 
   # Held-out evaluation: pass@k from num_samples samples per problem (unbiased), majority vote.
   cfg.eval = ml_collections.ConfigDict()
@@ -143,19 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.eval.max_new_tokens = 2048
   cfg.eval.every_steps = 100
 
-  # Devices (maxrl_jax/sharding.py): a mesh of data x fsdp over every device of every process. Prompts
-  # (with all their rollouts) are split over both axes, so rollout.prompt_chunk, rl.micro_batch_prompts,
-  # eval.prompt_chunk and sft.batch_size must be multiples of data * fsdp; parameters and optimizer state
-  # are split over fsdp (ZeRO-3 style) by `param_rules`, and the checkpoint is read straight into those
-  # shards. One device: nothing changes. Multi-host: distributed=True on every host.
-  cfg.mesh = ml_collections.ConfigDict()
-  cfg.mesh.axes = ("data", "fsdp")
-  cfg.mesh.shape = (-1, 1)  # Devices per axis; -1 = all remaining devices. E.g. (-1, 4): fsdp over 4.
-  cfg.mesh.param_rules = ((".*", "fsdp"),)  # (regex on "params/layers_0/mlp/up_proj/kernel", placement).
-  cfg.mesh.distributed = False
-  cfg.mesh.coordinator_address = ""
-  cfg.mesh.num_processes = -1
-  cfg.mesh.process_id = -1
+  cfg.mesh = common.mesh()
 
   # Memory plan (maxrl_jax/memory_plan.py), before any weight is read or anything compiled: the bytes per
   # device of an RL step (parameters, AdamW state, the step's rollouts, the sampler's KV caches per call, the
@@ -167,16 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.memory.reserve_bytes = 2**30  # Set aside per device for the runtime, libraries and fragmentation.
   cfg.memory.enforce = True  # False: print what does not fit, and run anyway (the plan is an estimate).
 
-  # Where the metrics go besides <workdir>/metrics.jsonl (and the PNG curves written at the end).
-  cfg.logging = ml_collections.ConfigDict()
-  cfg.logging.tensorboard = True  # Event files in <workdir>/tensorboard (`tensorboard --logdir=<workdir>`).
-  cfg.logging.wandb = False  # True: also a Weights & Biases run (pip install wandb).
-  cfg.logging.wandb_project = "maxrl_jax"
-
-  cfg.log_every_steps = 1
-  cfg.checkpoint_every_steps = 50
-  cfg.keep_checkpoints = 2
-  cfg.progress_bar = True
+  cfg.population = common.population()
+  cfg.logging = common.logging()
+  common.add_run_fields(cfg, log_every_steps=1, checkpoint_every_steps=50, keep_checkpoints=2)
   return cfg
 
 

@@ -18,16 +18,9 @@ configs/gsm8k_smollm2.py (same trainer). The paper evaluates on AIME 2025, Beyon
 run one job per held-out set with --config.data.eval_path, or evaluate checkpoints separately.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-# The shared base config, loaded by path so that this file works wherever it is loaded from.
-_BASE = importlib.util.spec_from_file_location(
-    "_gsm8k_smollm2_base", os.path.join(os.path.dirname(os.path.abspath(__file__)), "gsm8k_smollm2.py"))
-gsm8k_smollm2 = importlib.util.module_from_spec(_BASE)
-_BASE.loader.exec_module(gsm8k_smollm2)
+from configs import gsm8k_smollm2
 
 # Appended to the problem as the official POLARIS / AIME / MATH-500 / Minerva preprocessing does
 # (examples/maxrl_data_preprocess/polaris.py). That code writes "\\boxed{{}}" in a plain (not format) string,

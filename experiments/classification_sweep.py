@@ -220,7 +220,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Keep orbax/TFDS INFO lines out of the sweep log.
   import jax  # pylint: disable=g-import-not-at-top
   from maxrl_jax.classification import grad_norms  # pylint: disable=g-import-not-at-top
-  from maxrl_jax.classification import train as train_lib  # pylint: disable=g-import-not-at-top
+  from maxrl_jax import train as train_lib  # pylint: disable=g-import-not-at-top
 
   base = _CONFIG.value
   workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
@@ -254,10 +254,10 @@ def main(argv):
       config = copy.deepcopy(base)
       config.objective.name = name
       for key, value in kwargs.items():
-        config.objective.kwargs[key] = value
+        config.objective["pkpo_form" if key == "form" else key] = value
       if n is not None:
         config.rollout.num_samples = n
-      config.train.progress_bar = False
+      config.progress_bar = False
       train_lib.train_and_evaluate(config, run_dir)
       trained += 1
     with open(summary_path, encoding="utf-8") as f:

@@ -18,9 +18,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from maxrl_jax import population as population_lib
+from maxrl_jax import config_fields
 from maxrl_jax import run_logging
-from maxrl_jax import train_maze
+from maxrl_jax import train
+from maxrl_jax.rl import population as population_lib
 
 
 def enable_compilation_cache(workdir: str) -> None:
@@ -32,17 +33,7 @@ def enable_compilation_cache(workdir: str) -> None:
 
 def with_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """A copy of `config` with dotted-key overrides ({"objective.name": "grpo", "seed": 1})."""
-  config = copy.deepcopy(config)
-  with config.unlocked():
-    for key, value in overrides.items():
-      node = config
-      *parents, leaf = key.split(".")
-      for part in parents:
-        node = node[part]
-      if leaf not in node:
-        raise ValueError(f"Override {key!r}: {leaf!r} is not a field of config.{'.'.join(parents) or '<root>'}.")
-      node[leaf] = value
-  return config
+  return config_fields.with_overrides(config, overrides)
 
 
 def count(n: int, noun: str) -> str:
@@ -72,13 +63,13 @@ def train_shared_sft(base: ml_collections.ConfigDict, workdir: str, seed: int) -
   sft_dir = os.path.join(workdir, "sft", f"seed{seed}")
   if not is_finished(sft_dir, 0):
     print(f"[sft seed {seed}] {base.sft.steps} SFT steps -> {sft_dir}", flush=True)
-    train_maze.train_and_evaluate(with_overrides(base, {"rl.steps": 0, "seed": seed}), sft_dir)
+    train.train_and_evaluate(with_overrides(base, {"rl.steps": 0, "seed": seed}), sft_dir)
   return sft_dir
 
 
 def build_run_configs(base: ml_collections.ConfigDict,
                       runs: Mapping[str, Mapping[str, Any]]) -> dict[str, ml_collections.ConfigDict]:
-  """{name: base with the run's overrides}, every one checked by train_maze.validate_config.
+  """{name: base with the run's overrides}, every one checked by train.validate_config.
 
   Called before anything trains, so a bad override in run 40 of a sweep fails at once, naming the run.
   """
@@ -86,7 +77,7 @@ def build_run_configs(base: ml_collections.ConfigDict,
   for name, overrides in runs.items():
     config = with_overrides(base, overrides)
     try:
-      train_maze.validate_config(config)
+      train.validate_config(config)
     except ValueError as e:
       raise ValueError(f"run {name!r}: {e}") from e
     configs[name] = config
@@ -138,14 +129,14 @@ def run_populations(base: ml_collections.ConfigDict, workdir: str,
   """Trains `runs` as populations (one per `population_groups` group) and returns {name: member summary}.
 
   A group trains in <workdir>/populations/<its shared overrides, or "all">; every member's single-run view
-  (maxrl_jax/train_population.py: export_members) is linked as <workdir>/runs/<variant>/seed<s>, so reports
+  (maxrl_jax/trainers/rl.py: export_members) is linked as <workdir>/runs/<variant>/seed<s>, so reports
   read populations and separate runs alike.
   """
   groups = population_groups(runs)
   configs = []
   for shared, variants, seeds in groups:
     config = population_config(base, shared, variants, seeds)
-    train_maze.validate_config(config)  # Every member checked before anything trains.
+    train.validate_config(config)  # Every member checked before anything trains.
     name = ",".join(f"{k}={v}" for k, v in sorted(shared.items())) or "all"
     configs.append((name, config, variants, seeds))
   enable_compilation_cache(workdir)
@@ -155,7 +146,7 @@ def run_populations(base: ml_collections.ConfigDict, workdir: str,
     pop_dir = os.path.join(workdir, "populations", name)
     print(f"[{i + 1}/{len(configs)}] population {name}: {len(variants)} variants x {count(len(seeds), 'seed')} "
           f"({time.time() - start:.0f} s into this launch)", flush=True)
-    train_maze.train_and_evaluate(config, pop_dir)
+    train.train_and_evaluate(config, pop_dir)
     for variant in variants:
       for seed in seeds:
         link = os.path.join(workdir, "runs", variant, f"seed{seed}")
@@ -193,7 +184,7 @@ def run_all(base: ml_collections.ConfigDict, workdir: str, runs: Mapping[str, Ma
       print(f"[{i + 1}/{len(runs)}] {name}: finished, skipped", flush=True)
     else:
       print(f"[{i + 1}/{len(runs)}] {name} ({time.time() - start:.0f} s into this launch)", flush=True)
-      train_maze.train_and_evaluate(config, run_dir)
+      train.train_and_evaluate(config, run_dir)
     summaries[name] = read_summary(run_dir)
   return summaries
 
@@ -245,19 +236,6 @@ def seed_table(summaries: Mapping[str, dict], variants: Iterable[str], seeds: It
     cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" for k in metric_keys]
     lines.append(f"| {label(row['variant'])} | " + " | ".join(cells) + " |")
   return rows, "\n".join(lines)
-
-
-def flatten(overrides: Mapping[str, Any] | ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
-  """Nested overrides ({"objective": {"name": "grpo"}}) -> dotted ({"objective.name": "grpo"})."""
-  if isinstance(overrides, ml_collections.ConfigDict):
-    overrides = overrides.to_dict()
-  flat = {}
-  for key, value in overrides.items():
-    if isinstance(value, Mapping):
-      flat.update(flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
 
 
 def launch(run: Callable[[ml_collections.ConfigDict, str], Any], default_config: str) -> None:

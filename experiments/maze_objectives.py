@@ -18,6 +18,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
+from maxrl_jax import config_fields  # noqa: E402
 
 # Paper's maze table (17x17, 32 prompts x 128 rollouts, 20K steps): pass@1 / pass@128 / pass@256.
 PAPER_MAZE_TABLE = {
@@ -33,7 +34,7 @@ def plot_pass_at_k(summaries, seeds_of, ks, path, title):
     means = [np.mean([summaries[f"{name}/seed{s}"]["eval"][f"pass@{k}"] for s in seeds]) for k in ks]
     ax.plot(ks, means, marker="o", label=f"{name} ({common.count(len(seeds), 'seed')})")
   first = next(iter(seeds_of))
-  sft = np.mean([[summaries[f"{first}/seed{s}"]["sft_eval"][f"pass@{k}"] for k in ks] for s in seeds_of[first]], 0)
+  sft = np.mean([[summaries[f"{first}/seed{s}"]["initial_eval"][f"pass@{k}"] for k in ks] for s in seeds_of[first]], 0)
   ax.plot(ks, sft, "k--", label="SFT policy")
   ax.set_xscale("log", base=2)
   ax.set_xlabel("k")
@@ -139,7 +140,7 @@ def run_variants(config: ml_collections.ConfigDict) -> dict[str, dict]:
   if sorted(order) != sorted(config.variants.keys()):
     raise ValueError(f"config.variant_order={tuple(order)} must list each of config.variants once: "
                      f"{sorted(config.variants.keys())}.")
-  return {name: common.flatten(config.variants[name]) for name in order}
+  return {name: config_fields.flatten(config.variants[name]) for name in order}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -174,7 +175,7 @@ def report(config: ml_collections.ConfigDict, workdir: str, summaries: dict[str,
   rows, table = final_table(summaries, seeds_of, keys)
   all_seeds = sorted({s for seeds in seeds_of.values() for s in seeds})
   first = next(iter(seeds_of))
-  sft = common.aggregate([summaries[f"{first}/seed{s}"]["sft_eval"]["pass@1"] for s in seeds_of[first]])
+  sft = common.aggregate([summaries[f"{first}/seed{s}"]["initial_eval"]["pass@1"] for s in seeds_of[first]])
   base = config.base
   title = (f"Maze objectives: {base.maze.size}x{base.maze.size}, {base.rollout.num_prompts} prompts x "
            f"{base.rollout.num_samples} rollouts, {base.rl.steps} RL steps, "

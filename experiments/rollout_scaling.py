@@ -42,7 +42,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       stats = [common.aggregate([summaries[f"{obj}_N{n}/seed{s}"]["eval"][key] for s in seeds]) for n in ns]
       ax.errorbar(ns, [x["mean"] for x in stats], yerr=[x["std"] for x in stats], marker="o", capsize=3,
                   label=obj)
-    sft = np.mean([summaries[f"{objectives[0]}_N{ns[0]}/seed{s}"]["sft_eval"][key] for s in seeds])
+    sft = np.mean([summaries[f"{objectives[0]}_N{ns[0]}/seed{s}"]["initial_eval"][key] for s in seeds])
     ax.axhline(sft, color="k", ls="--", lw=1, label="SFT policy")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rollouts per prompt N")

@@ -26,19 +26,19 @@ import numpy as np  # noqa: E402
 from experiments import common  # noqa: E402
 from maxrl_jax import estimators  # noqa: E402
 from maxrl_jax import sampling  # noqa: E402
-from maxrl_jax import train_maze  # noqa: E402
-from maxrl_jax.tasks import maze  # noqa: E402
+from maxrl_jax.tasks.maze import env as maze  # noqa: E402
+from maxrl_jax.trainers import rl as rl_trainer  # noqa: E402
 
 
 def gradient_norms(base, sft_dir, objectives, num_prompts, num_samples, chunk, seed, sft_phase="sft"):
   """{objective: (pass rates [P], gradient norms [P])} on fresh mazes, same rollouts for every objective."""
-  model_fns, params = train_maze.load_sft_params(base, sft_dir, sft_phase)
+  model_fns, params = rl_trainer.load_sft_params(base, sft_dir, sft_phase)
   key = jax.random.key(seed)
   grids = maze.generate_mazes(jax.random.fold_in(key, 0), num_prompts, base.maze.size)
   prompts = maze.encode_prompts(grids)
   rollouts = sampling.sample_rollouts(
       model_fns, params, prompts, jax.random.fold_in(key, 1), num_rollouts=num_samples,
-      max_new_tokens=base.rollout.max_new_tokens, stop_tokens=train_maze.STOP_TOKENS)
+      max_new_tokens=base.rollout.max_new_tokens, stop_tokens=(maze.DONE, maze.EOS))
   rewards = maze.verify_groups(grids, rollouts.tokens)  # [P, N]
 
   def loss_fn(params, example):

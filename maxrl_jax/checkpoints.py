@@ -118,14 +118,15 @@ class PhaseCheckpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, records: list[dict] | None = None) -> None:
+  def save(self, step: int, state: Any, records: list[dict] | None = None, extra: dict | None = None) -> None:
     """Writes `state` (and the run's `records` so far) as `step`, atomically, then records its digest.
 
-    A step that already exists is left alone.
+    `extra`: more JSON fields stored beside the records (e.g. the metrics of steps not logged yet). A step
+    that already exists is left alone.
     """
     if step in self._manager.all_steps():
       return
-    extra = {"records": list(records or []), "identity": self.identity}
+    extra = {**(extra or {}), "records": list(records or []), "identity": self.identity}
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      extra=ocp.args.JsonSave(extra)), force=True)
     self._manager.wait_until_finished()

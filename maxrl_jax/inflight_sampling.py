@@ -129,10 +129,6 @@ def _prefill(model_fns, params, prompts: Array | sampling.PaddedPrompts) -> tupl
   return model_fns.prefill(params, prompts)
 
 
-# The same option checks as the static sampler's.
-_check_options = sampling._check_options  # pylint: disable=protected-access
-
-
 def _prompt_ids(prompt_ids: Array | None, num_prompts: int) -> Array:
   if prompt_ids is None:
     return jnp.arange(num_prompts, dtype=jnp.int32)
@@ -229,7 +225,7 @@ def sample_rollouts_inflight_with_stats(
     stop_tokens: Sequence[int] = (), top_k: int | None = None, top_p: float | None = None, pad_id: int = 0,
     prompt_ids: Array | None = None) -> tuple[sampling.Rollouts, InflightStats]:
   """`sample_rollouts_inflight` and the work it did (`InflightStats`)."""
-  stop_tokens = _check_options(num_rollouts, max_new_tokens, stop_tokens, top_k, top_p)
+  stop_tokens = sampling.check_options(num_rollouts, max_new_tokens, stop_tokens, top_k, top_p)
   if num_slots < 1:
     raise ValueError(f"num_slots={num_slots} must be >= 1 (rows decoded together).")
   prompts = _as_prompts(prompts)
@@ -319,7 +315,7 @@ def sample_rollouts_static(
   prompt p draws with fold_in(fold_in(fold_in(rng, prompt_ids[p]), n), i). Same arguments and outputs as
   `sample_rollouts_inflight` (without num_slots); `num_steps` is the number of decode steps run.
   """
-  stop_tokens = _check_options(num_rollouts, max_new_tokens, stop_tokens, top_k, top_p)
+  stop_tokens = sampling.check_options(num_rollouts, max_new_tokens, stop_tokens, top_k, top_p)
   prompts = _as_prompts(prompts)
   return _sample_static(
       model_fns, params, prompts, rng, jnp.asarray(temperature, jnp.float32),

@@ -5,9 +5,11 @@ r"""Entry point: runs the experiment a config file describes.
     python -m maxrl_jax.main --config=configs/gsm8k_smollm2.py:tiny --workdir=workdirs/gsm8k_tiny
     python -m maxrl_jax.main --config=configs/maze.py:paper --dry_run     # check a config, see its work
 
-`config.task` selects the trainer; each trainer exposes `train_and_evaluate(config, workdir)`. Re-running
-the same command on the same workdir resumes from its latest checkpoint. `--dry_run` validates the config,
-prints it resolved and the work it asks for (steps, rollouts, tokens, evaluations), and trains nothing.
+`config.task` selects the task (maxrl_jax/tasks/<task>), which selects its trainer; the whole job is
+`maxrl_jax.train.train_and_evaluate(config, workdir)`. Re-running the same command on the same workdir
+resumes from its latest checkpoint. `--dry_run` validates the config, prints it resolved and the work it asks
+for (steps, rollouts, tokens, evaluations), and trains nothing. SIGTERM or Ctrl-C saves the current step and
+exits with status 143 (130 for Ctrl-C); the same command resumes.
 """
 
 import os
@@ -18,7 +20,6 @@ if not sys.stderr.isatty():
   # TQDM_DISABLE is set (read by tqdm when it is imported). metrics.jsonl records the progress instead.
   os.environ.setdefault("TQDM_DISABLE", "1")
 
-import importlib  # noqa: E402
 import logging as std_logging  # noqa: E402
 
 from absl import app  # noqa: E402
@@ -27,13 +28,6 @@ from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from maxrl_jax import dry_run as dry_run_lib  # noqa: E402
-
-# task name -> module with train_and_evaluate(config, workdir).
-TRAINERS = {
-    "maze": "maxrl_jax.train_maze",
-    "classification": "maxrl_jax.classification.train",
-    "text": "maxrl_jax.text.train",
-}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, configs/NAME.py[:PRESET] (the list is above).")
@@ -58,15 +52,15 @@ def _drop_tfds_noise(record: std_logging.LogRecord) -> bool:
 
 def dry_run(config, workdir: str | None) -> None:
   """Prints the resolved config and the work it asks for; trains nothing and writes nothing."""
-  task = config.get("task")
-  trainer = importlib.import_module(TRAINERS[task])
+  from maxrl_jax import train  # pylint: disable=import-outside-toplevel
+
   try:
-    work = dry_run_lib.expected_work(task, trainer, config, workdir)
+    work = train.expected_work(config)
   except ValueError as e:
     print(config)
     print(f"The config is not valid: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
-  print(f"# Resolved config (task {task!r}, trainer {TRAINERS[task]})\n")
+  print(f"# Resolved config (task {config.get('task')!r})\n")
   print(config)
   print("# Expected work\n")
   width = max(len(k) for k in work)
@@ -76,15 +70,35 @@ def dry_run(config, workdir: str | None) -> None:
   print("\nThe config is valid. Nothing was trained or written (dry run).", flush=True)
 
 
+def _check_overrides(argv) -> None:
+  """Names the new field of an override of a field that earlier versions of the configs had."""
+  from maxrl_jax.trainers import harness  # pylint: disable=import-outside-toplevel
+
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      message = harness.renamed_field_message(arg[len("--config."):].split("=", 1)[0])
+      if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _config_root_on_path(argv) -> None:
+  """Config files import their shared blocks (`from configs import common`): put the directory above the
+  config file's on the path, so that `--config=/elsewhere/configs/maze.py` works from any directory."""
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      path = arg[len("--config="):].split(":", 1)[0]
+      root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+      if os.path.exists(os.path.join(root, "configs", "__init__.py")) and root not in sys.path:
+        sys.path.insert(0, root)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   logging.get_absl_logger().addFilter(_drop_tfds_noise)
   config = _CONFIG.value
-  task = config.get("task")
-  if task not in TRAINERS:
-    raise app.UsageError(f"config.task={task!r}; allowed: {sorted(TRAINERS)}.")
   workdir = _WORKDIR.value
   if workdir and "://" in workdir:
     raise app.UsageError(
@@ -96,18 +110,26 @@ def main(argv):
     return
   if workdir is None:
     raise app.UsageError("--workdir is required (a directory for the run's files), unless --dry_run.")
-  from maxrl_jax import training_loop, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from maxrl_jax import train
+  from maxrl_jax import workdir as workdir_lib
+  from maxrl_jax.trainers import loop
   try:
-    importlib.import_module(TRAINERS[task]).train_and_evaluate(config, workdir)
-  except (ValueError, workdir_lib.WorkdirBusyError, training_loop.NonFiniteError) as e:
-    # Bad input (config, workdir, files), a busy workdir or a diverged run: the message says what and how to
-    # fix it; a traceback would only bury it. MAXRL_TRACEBACK=1 shows the traceback as well.
+    train.train_and_evaluate(config, workdir)
+  except (ValueError, workdir_lib.WorkdirBusyError, loop.NonFiniteError, loop.Preempted) as e:
+    # Bad input (config, workdir, files), a busy workdir, a diverged or stopped run: the message says what and
+    # how to fix it; a traceback would only bury it. MAXRL_TRACEBACK=1 shows the traceback as well.
     if os.environ.get("MAXRL_TRACEBACK"):
       raise
+    if isinstance(e, loop.Preempted):  # Saved and stopped on request: the shell's status for that signal.
+      print(str(e), file=sys.stderr, flush=True)
+      sys.exit(128 + e.signum)
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
 
 
 if __name__ == "__main__":
   __doc__ += "\n" + dry_run_lib.configs_help()  # What absl's --help prints above the flags.
+  _config_root_on_path(sys.argv)
+  _check_overrides(sys.argv)
   app.run(main)

@@ -11,7 +11,7 @@ Everything here is arithmetic on shapes (nothing is allocated or run). Sizes fol
   `config.dtype`. Every decode step attends over the whole prefix and ALL M suffix slots (masked beyond the
   current step), so its suffix read is cp cn M slots whatever the step; `suffix="filled"` counts only the
   slots written so far (what an attention restricted to the filled part would read).
-- Update (`maxrl_jax.train_steps.policy_update`), per micro-batch of `mp` prompts x `mn` rollouts: one prompt
+- Update (`maxrl_jax.rl.step.update`), per micro-batch of `mp` prompts x `mn` rollouts: one prompt
   pass over [mp, L] and one teacher-forced pass over [mp, mn, M - 1] tokens attending to the prefix and to
   all M - 1 response slots; float32 logits [mp, mn, M, V]; gradients accumulated in float32.
 - State: parameters in `config.param_dtype` and AdamW's two moments (float32 here, as the parameters in

@@ -23,6 +23,7 @@ __all__ = [
     "analytic_pass_at_k",
     "majority_vote_accuracy",
     "fraction_solved",
+    "heldout_summary",
 ]
 
 
@@ -256,3 +257,31 @@ def fraction_solved(rewards: Array, reduction: str = "mean") -> Array:
   if reduction != "none":
     raise ValueError(f"fraction_solved: reduction={reduction!r}; allowed: 'none', 'mean'.")
   return solved
+
+
+def heldout_summary(num_correct, num_samples: int, ks: Sequence[int]) -> dict[str, float]:
+  """Held-out metrics of a set of problems from their correct counts [M] out of `num_samples` samples each.
+
+  Returns (host floats):
+    pass@k: the unbiased pass@k (`pass_at_k`) averaged over the M problems, for each k in `ks`;
+    pass@k_se: its standard error over problems (std over problems, ddof 1, / sqrt(M)): it covers both the
+      choice of problems and the sampling noise within each problem;
+    best@k_bootstrap: the expectation of the official code's log metric, the best of k samples drawn WITH
+      replacement from the n (`best_at_k_with_replacement`, 1 - (1 - c/n)^k, in float64): biased low against
+      pass@k;
+    pass_rate: the mean fraction of correct samples; fraction_solved: the fraction of problems with one.
+  """
+  counts = jnp.asarray(num_correct)
+  per_problem = np.asarray(pass_at_k(num_samples, counts, list(ks)), np.float64)  # [M, len(ks)]
+  num_problems = per_problem.shape[0]
+  se = per_problem.std(axis=0, ddof=1) / np.sqrt(num_problems) if num_problems > 1 else np.zeros(len(ks))
+  result = {}
+  for i, k in enumerate(ks):
+    result[f"pass@{k}"] = float(per_problem[:, i].mean())
+    result[f"pass@{k}_se"] = float(se[i])
+  fail_rate = 1.0 - np.asarray(counts, np.float64) / num_samples
+  for k in ks:
+    result[f"best@{k}_bootstrap"] = float(np.mean(1.0 - fail_rate ** k))
+  result["pass_rate"] = float(jnp.mean(counts) / num_samples)
+  result["fraction_solved"] = float(jnp.mean(counts > 0))
+  return result

@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from maxrl_jax import config_fields
+
 # Fields that may differ between the first launch of a run and a resumed launch on the same workdir.
 RESUMABLE_FIELDS = ("progress_bar", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                     "population.member_devices", "population.vmap_chunk")
@@ -25,23 +27,24 @@ RESUMABLE_FIELDS = ("progress_bar", "log_every_steps", "checkpoint_every_steps",
 RESUMABLE_PREFIXES = ("mesh.", "logging.")
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+  """`value` with numpy / jax arrays as lists and non-finite floats as strings (what JSON can hold)."""
   if isinstance(value, Mapping):
-    return {str(k): _jsonable(v) for k, v in value.items()}
+    return {str(k): jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
+    return [jsonable(v) for v in value]
   if isinstance(value, (np.generic, np.ndarray)):
-    return _jsonable(value.tolist())
+    return jsonable(value.tolist())
   if isinstance(value, float) and not math.isfinite(value):
     return str(value)
   if hasattr(value, "tolist"):  # jax arrays
-    return _jsonable(np.asarray(value).tolist())
+    return jsonable(np.asarray(value).tolist())
   return value
 
 
 def jsonable_record(record: Mapping[str, Any]) -> dict:
   """`record` exactly as metrics.jsonl stores and reads it back (a JSON round trip)."""
-  return json.loads(json.dumps(_jsonable(record), sort_keys=True))
+  return json.loads(json.dumps(jsonable(record), sort_keys=True))
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -54,7 +57,16 @@ def write_text_atomic(path: str, text: str) -> None:
 
 def write_json_atomic(path: str, payload: Any) -> None:
   """Writes JSON to `path` atomically (see write_text_atomic)."""
-  write_text_atomic(path, json.dumps(_jsonable(payload), indent=1, sort_keys=True) + "\n")
+  write_text_atomic(path, json.dumps(jsonable(payload), indent=1, sort_keys=True) + "\n")
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """["field: saved -> current", ...] of the fields that differ between two configs (as dicts) and may not
+  change when a run resumes (RESUMABLE_FIELDS and RESUMABLE_PREFIXES may)."""
+  a, b = config_fields.flatten(jsonable(saved)), config_fields.flatten(jsonable(current))
+  keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS
+                and not k.startswith(RESUMABLE_PREFIXES))
+  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 
 
 def check_or_write_config(workdir: str, config_dict: dict) -> None:
@@ -64,31 +76,18 @@ def check_or_write_config(workdir: str, config_dict: dict) -> None:
   (resuming it would silently mix two experiments). Fields in RESUMABLE_FIELDS may differ.
   """
   path = os.path.join(workdir, "config.json")
-  config_dict = _jsonable(config_dict)
+  config_dict = jsonable(config_dict)
   if os.path.exists(path):
     with open(path) as f:
       try:
         saved = json.load(f)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); delete it or use a new --workdir.") from e
-
-    def flat(d, prefix=""):
-      out = {}
-      for k, v in d.items():
-        if isinstance(v, dict):
-          out.update(flat(v, f"{prefix}{k}."))
-        else:
-          out[f"{prefix}{k}"] = v
-      return out
-
-    a, b = flat(saved), flat(config_dict)
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_FIELDS
-                  and not k.startswith(RESUMABLE_PREFIXES))
+    diff = config_differences(saved, config_dict)
     if diff:
-      details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:8])
       raise ValueError(
-          f"--workdir {workdir} holds a run with a different config ({details}). Resuming would mix two "
-          "experiments: use a new --workdir, or the same config to resume.")
+          f"--workdir {workdir} holds a run with a different config ({', '.join(diff[:8])}). Resuming would mix "
+          "two experiments: use a new --workdir, or the same config to resume.")
   write_json_atomic(path, config_dict)
 
 
@@ -135,7 +134,7 @@ class MetricsWriter:
     tmp = f"{self.path}.tmp"
     with open(tmp, "w") as f:
       for r in records:
-        f.write(json.dumps(_jsonable(r), sort_keys=True) + "\n")
+        f.write(json.dumps(jsonable(r), sort_keys=True) + "\n")
     os.replace(tmp, self.path)
     for sink in getattr(self, "sinks", ()):
       sink.reset(records)
@@ -153,7 +152,7 @@ class MetricsWriter:
 
   def write(self, record: Mapping[str, Any]) -> None:
     with open(self.path, "a") as f:
-      f.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+      f.write(json.dumps(jsonable(record), sort_keys=True) + "\n")
       f.flush()
     for sink in self.sinks:
       sink.write(record)
@@ -375,7 +374,7 @@ class WandbSink:
       write_text_atomic(id_path, run_id + "\n")
     self._run = wandb.init(project=project, dir=workdir, id=run_id, resume="allow",
                            name=name or os.path.basename(os.path.normpath(workdir)),
-                           config=_jsonable(dict(config or {})))
+                           config=jsonable(dict(config or {})))
     self._phases = set()
     atexit.register(self.close)
 

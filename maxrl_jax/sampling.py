@@ -382,13 +382,14 @@ def _cache_can_grow(model_fns, prefix_cache, num_rollouts: int, small: int, larg
     )
 
 
-def _check_options(
+def check_options(
     num_rollouts: int,
     max_new_tokens: int,
     stop_tokens: Sequence[int],
     top_k: int | None,
     top_p: float | None,
 ) -> tuple[int, ...]:
+    """The stop tokens as a tuple of ints; a ValueError on impossible sampling options (shared by both samplers)."""
     if num_rollouts < 1 or max_new_tokens < 1:
         raise ValueError(f"num_rollouts={num_rollouts} and max_new_tokens={max_new_tokens} must be >= 1.")
     if top_k is not None and top_k < 1:
@@ -479,7 +480,7 @@ def sample_rollouts(
     Returns:
       `Rollouts` with [P, N, M] tokens / logprobs / mask; see the module docstring for conventions.
     """
-    stop_tokens = _check_options(num_rollouts, max_new_tokens, stop_tokens, top_k, top_p)
+    stop_tokens = check_options(num_rollouts, max_new_tokens, stop_tokens, top_k, top_p)
     windows = suffix_windows(max_new_tokens, suffix_block)
     if len(windows) == 1:
         windows = None
@@ -536,7 +537,7 @@ def sample_rollouts_recompute(
     Same arguments, outputs and key schedule as `sample_rollouts` (for tests and benchmarks only: its cost
     per step is a full forward over [P*N, L+M] tokens).
     """
-    stop_tokens = _check_options(num_rollouts, max_new_tokens, stop_tokens, top_k, top_p)
+    stop_tokens = check_options(num_rollouts, max_new_tokens, stop_tokens, top_k, top_p)
     return _sample_recompute(
         model_fns, params, _as_prompts(prompts), rng, jnp.asarray(temperature, jnp.float32),
         num_rollouts=num_rollouts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, top_k=top_k,

@@ -208,6 +208,10 @@ class ChiefOnlyWriter:
       self._writer.replace_all(records)
     barrier("metrics_replace")
 
+  def close(self) -> None:
+    if is_chief():
+      self._writer.close()
+
 
 # ------------------------------------------------------------------------------------------------ mesh
 

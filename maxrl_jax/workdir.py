@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Any, Mapping
 
+from maxrl_jax import config_fields
 from maxrl_jax import run_logging
 
 LOCK_FILE = ".lock"
@@ -104,16 +105,8 @@ def config_identity(config_dict: Mapping[str, Any]) -> dict[str, Any]:
   Fields that may change on resume (run_logging.RESUMABLE_FIELDS and RESUMABLE_PREFIXES: logging, the device
   mesh, checkpoint intervals) are left out. Stored in every checkpoint and compared on restore.
   """
-  flat = {}
-
-  def walk(node, prefix=""):
-    for key, value in node.items():
-      if isinstance(value, Mapping):
-        walk(value, f"{prefix}{key}.")
-      else:
-        flat[f"{prefix}{key}"] = value
-
-  walk(json.loads(json.dumps(run_logging._jsonable(config_dict))))  # As a checkpoint stores it (tuples -> lists).
+  # As a checkpoint stores it (tuples -> lists).
+  flat = config_fields.flatten(json.loads(json.dumps(run_logging.jsonable(config_dict))))
   return {k: v for k, v in sorted(flat.items()) if k not in run_logging.RESUMABLE_FIELDS
           and not k.startswith(run_logging.RESUMABLE_PREFIXES)}
 

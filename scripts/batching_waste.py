@@ -69,7 +69,7 @@ def maze_lengths(count: int, seed: int) -> np.ndarray:
   """Response lengths (moves + DONE) of the shortest solutions of `count` random 17x17 mazes."""
   import jax
 
-  from maxrl_jax.tasks import maze
+  from maxrl_jax.tasks.maze import env as maze
 
   grids = maze.generate_mazes(jax.random.key(seed), count, maze.PAPER_MAZE_SIZE)
   _, moves = jax.jit(maze.shortest_path_actions_batch)(grids)

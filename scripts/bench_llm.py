@@ -14,7 +14,7 @@ after the other and merges their JSON):
 
 - jax: `maxrl_jax.sampling.sample_rollouts` over calls of `sample_chunk` prompts x N rollouts (the largest
   call `memory_plan.choose` fits in the device memory, or --sample_chunk_prompts), every rollout exactly M
-  tokens (no stop tokens); then `train_steps.policy_update` with micro-batches (from the plan, or
+  tokens (no stop tokens); then `maxrl_jax.rl.step.update` with micro-batches (from the plan, or
   --micro_batch_prompts / --micro_batch_rollouts) on fixed random rollouts of --update_prompts prompts.
 - torch: transformers `generate(do_sample=True, temperature=1, top_k=0, min_new_tokens=max_new_tokens=M)` on
   the repeated prompts in calls of --generate_rows rows (default: as many rows as our sampling call), fp32
@@ -201,7 +201,7 @@ def run_jax(report: dict) -> None:
   from maxrl_jax import estimators
   from maxrl_jax import memory_plan
   from maxrl_jax import sampling
-  from maxrl_jax import train_steps
+  from maxrl_jax.rl import step as step_lib
   from maxrl_jax.models import decoder
 
   P, N, L, M = _NUM_PROMPTS.value, _NUM_ROLLOUTS.value, _PROMPT_LEN.value, _NEW_TOKENS.value
@@ -264,17 +264,21 @@ def run_jax(report: dict) -> None:
   if "update" in _PARTS.value:
     def update_part():
       Pu = sizes.update_prompts
-      tx = train_steps.adamw(1e-6, 0.9, 0.999, 0.01, 1.0)
+      hyper = step_lib.Hyper(learning_rate=1e-6, b1=0.9, b2=0.999, weight_decay=0.01)
+      spec = step_lib.RLSpec(num_samples=N, max_new_tokens=M, stop_tokens=(), reduction="sequence_sum",
+                             micro_batch_prompts=sizes.mb[0], micro_batch_rollouts=sizes.mb[1], grad_clip=1.0)
+      tx = step_lib.rl_optimizer(hyper, spec)
       key = jax.random.key(_SEED.value + 2)
       tokens = jax.random.randint(key, (Pu, N, M), 0, config.vocab_size, jnp.int32)
       rollouts = sampling.Rollouts(tokens=tokens, logprobs=jnp.zeros((Pu, N, M), jnp.float32),
                                    mask=jnp.ones((Pu, N, M), bool), lengths=jnp.full((Pu, N), M, jnp.int32),
                                    stopped=jnp.zeros((Pu, N), bool), num_steps=jnp.asarray(M, jnp.int32))
       rewards = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, (Pu, N)).astype(jnp.float32)
-      update = jax.jit(lambda s, x, r, w: train_steps.policy_update(
-          fns, tx, s, x, r, w, jnp.float32(1.0), advantage_fn=estimators.get_advantage_fn("maxrl"),
-          micro_batch_prompts=sizes.mb[0], micro_batch_rollouts=sizes.mb[1]), donate_argnums=0)
-      state = jax.jit(lambda p: train_steps.init_state(p, tx))(params)
+      maxrl = estimators.get_advantage_fn("maxrl")
+      update = jax.jit(lambda s, x, r, w: step_lib.update(
+          spec, fns, s, x, r, w, jnp.float32(1.0), hyper, advantage_fn=lambda rewards, h: maxrl(rewards)),
+          donate_argnums=0)
+      state = jax.jit(lambda p: step_lib.init_state(p, tx))(params)
       start = time.perf_counter()
       compiled = update.lower(state, prompts[:Pu], rollouts, rewards).compile()
       compile_s = time.perf_counter() - start

@@ -5,9 +5,10 @@ r"""Population training cost: one jitted program for K members against K separat
 
 Members are the paper's maze table in order (maxrl, grpo, grpo_entropy, rloo, pkpo, diff_smoothing, self,
 maclaurin; configs/maze_objectives.py), then the next seed: K = 1 is maxrl, 2 adds grpo, 8 is the table,
-24 the table x 3 seeds. Each population's RL step is the trainer's (train_population.PopulationProgram), from
-randomly initialised policies (speed does not depend on the SFT); each distinct objective's single-run step is
-the single trainer's (train_steps.make_rl_step with its own maze draw), timed the same way. "Separate runs"
+24 the table x 3 seeds. Each population's RL step is the trainer's (maxrl_jax/trainers/rl.py:
+PopulationProgram), from randomly initialised policies (speed does not depend on the SFT); each distinct
+objective's single-run step is the single run's (maxrl_jax.rl.step.make_rl_step with the task's maze draw),
+timed the same way. "Separate runs"
 for K members is the sum of their single-run step times: what running them one after another costs.
 
 Every figure is the median over --steps timed steps after one compiled warm-up step (jax.block_until_ready
@@ -32,14 +33,20 @@ import numpy as np  # noqa: E402
 
 from configs import maze as maze_config  # noqa: E402
 from configs import maze_objectives  # noqa: E402
-from maxrl_jax import estimators  # noqa: E402
-from maxrl_jax import population  # noqa: E402
 from maxrl_jax import sharding  # noqa: E402
-from maxrl_jax import train_maze  # noqa: E402
-from maxrl_jax import train_population  # noqa: E402
-from maxrl_jax import train_steps  # noqa: E402
+from maxrl_jax import train  # noqa: E402
 from maxrl_jax.models import decoder  # noqa: E402
-from maxrl_jax.tasks import maze  # noqa: E402
+from maxrl_jax.rl import population  # noqa: E402
+from maxrl_jax.rl import step as step_lib  # noqa: E402
+from maxrl_jax.tasks.maze import task as maze_task  # noqa: E402
+from maxrl_jax.trainers import rl as rl_trainer  # noqa: E402
+
+
+def benchmark_task(config) -> maze_task.MazeTask:
+  """The maze task with no held-out set (nothing is excluded from the draws; no dataset is built)."""
+  task = maze_task.MazeTask(config)
+  task.set_heldout(np.zeros((0, config.maze.size, config.maze.size), np.int8))
+  return task
 
 
 def table_entries(preset: str) -> list[str]:
@@ -82,22 +89,23 @@ def bench_population(preset: str, size: int, steps: int, vmap_chunk: int = -1) -
   config = population_config(preset, size)
   config.population.vmap_chunk = vmap_chunk
   members = population.members(config)
-  model_fns = decoder.DecoderFns(decoder.DecoderConfig.from_config(config.model))
+  task = benchmark_task(config)
+  model_fns = decoder.DecoderFns(task.model_config())
   mesh = population.make_mesh(config, len(members))
   rules = sharding.MeshConfig.from_config(config.mesh).param_rules
-  program = train_population.PopulationProgram(config, members, model_fns, mesh, rules)
+  spec = rl_trainer.rl_spec(config, task, mesh, members=members)
+  program = rl_trainer.PopulationProgram(config, members, task, model_fns, mesh, rules, spec)
   seeds = population.distinct_seeds(members)
   sft_params = jax.vmap(model_fns.init)(jnp.stack([jax.random.key(s) for s in seeds]))
   state = program.init_rl(sft_params)
-  step = program.make_rl_step(jnp.zeros((0,), jnp.uint32))
+  step = program.make_device_step()
   data_keys = jnp.stack([jax.random.key(100 + m.index) for m in members])
   sampling_keys = jnp.stack([jax.random.key(200 + m.index) for m in members])
   temperature = jnp.float32(config.rollout.temperature)
-  seconds, first = timed(lambda s, i: step(s, data_keys, sampling_keys, program.hyper, jnp.int32(i + 1),
-                                           temperature), state, steps)
-  chunk = population.vmap_chunk(config, size // mesh.shape[population.MEMBER_AXIS], jax.devices()[0].platform)
+  seconds, first = timed(lambda s, i: step(s, data_keys, sampling_keys, jnp.int32(i + 1), temperature), state,
+                         steps)
   return {"members": size, "labels": [m.name for m in members], "mesh": sharding.describe(mesh),
-          "vmap_chunk": chunk,
+          "vmap_chunk": program.chunk,
           "step_s": seconds, "per_member_s": seconds / size, "compile_and_first_step_s": first}
 
 
@@ -107,21 +115,17 @@ def bench_single(preset: str, entry: str, steps: int) -> dict:
   for field, value in overrides.items():
     group, name = field.split(".")
     config[group][name] = value
-  train_maze.validate_config(config)
-  model_fns = decoder.DecoderFns(decoder.DecoderConfig.from_config(config.model))
-  objective = config.objective
-  tx = train_steps.adamw(config.rl.learning_rate, config.rl.b1, config.rl.b2, config.rl.weight_decay,
-                         config.rl.grad_clip)
-  rl_step = train_steps.make_rl_step(
-      model_fns, tx, prompt_fn=maze.encode_prompts, verifier=maze.verify_groups,
-      advantage_fn=estimators.get_advantage_fn(objective.name, **estimators.kwargs_from_config(objective)),
-      num_samples=config.rollout.num_samples, max_new_tokens=config.rollout.max_new_tokens,
-      stop_tokens=train_maze.STOP_TOKENS, reduction=objective.reduction, entropy_coef=objective.entropy_coef,
-      smoothing_gamma=objective.smoothing_gamma, self_filter=objective.self_filter)
-  fresh = jax.jit(lambda key: maze.draw_training_mazes(key, config.rollout.num_prompts, config.maze.size)[0])
-  state = train_steps.init_state(model_fns.init(jax.random.key(0)), tx)
+  train.validate_config(config)
+  task = benchmark_task(config)
+  model_fns = decoder.DecoderFns(task.model_config())
+  spec = rl_trainer.rl_spec(config, task, sharding.make_mesh(config.mesh))
+  hyper = step_lib.hyper_from_config(config)
+  rl_step = step_lib.make_rl_step(spec, model_fns, hyper, prompt_fn=task.prompts, verifier=task.verify,
+                                  advantage_fn=step_lib.single_advantage_fn(config.objective))
+  draw = jax.jit(task.rl_batch)
+  state = step_lib.init_state(model_fns.init(jax.random.key(0)), step_lib.rl_optimizer(hyper, spec))
   temperature = jnp.float32(config.rollout.temperature)
-  seconds, first = timed(lambda s, i: rl_step(s, fresh(jax.random.key(100 + i)), jax.random.key(200 + i),
+  seconds, first = timed(lambda s, i: rl_step(s, draw(jax.random.key(100), i + 1), jax.random.key(200 + i),
                                               temperature), state, steps)
   return {"label": label, "step_s": seconds, "compile_and_first_step_s": first}
 

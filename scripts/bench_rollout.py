@@ -28,9 +28,9 @@ Parts (each is timed after compilation / warm-up; the median of --repeats runs i
 - `hf_generate`: `transformers.Qwen2ForCausalLM.generate(do_sample=True, temperature=1, top_k=0)` on the
   P*N repeated prompts, same architecture, weights converted from ours (checked: `conversion_max_abs_logit_diff`
   compares the two models' logits). Needs torch and transformers; skipped otherwise.
-- `rl_step` (--rl_step): our whole jitted RL step (`train_steps.make_rl_step` with the maze verifier and MaxRL
+- `rl_step` (--rl_step): our whole jitted RL step (`maxrl_jax.rl.step.make_rl_step` with the maze verifier and MaxRL
   advantages: sample + verify + advantages + teacher-forced log-probs + backward + AdamW), and our update
-  alone (`policy_update` on fixed rollouts), against torch: `generate` + a forward / backward / AdamW step
+  alone (`maxrl_jax.rl.step.update` on fixed rollouts), against torch: `generate` + a forward / backward / AdamW step
   over the same P*N x (L+M) tokens, in micro-batches sized to the free memory on CUDA (--torch_microbatches).
 - `roofline` (every run; `--roofline_only --card=H200` computes it without running anything): bytes, FLOPs
   and the time bound of each part on the card (`roofline()`), and `measured_over_bound`.
@@ -64,9 +64,9 @@ import numpy as np
 from maxrl_jax import estimators
 from maxrl_jax import memory_plan
 from maxrl_jax import sampling
-from maxrl_jax import train_steps
+from maxrl_jax.rl import step as step_lib
 from maxrl_jax.models import decoder
-from maxrl_jax.tasks import maze
+from maxrl_jax.tasks.maze import env as maze
 
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 16, "P, distinct prompts.")
 _NUM_ROLLOUTS = flags.DEFINE_integer("num_rollouts", 16, "N, rollouts per prompt.")
@@ -214,12 +214,15 @@ def bench_sampler(model_fns, params, prompts, *, num_rollouts: int, new_tokens: 
 
 def bench_rl_step(model_fns, params, grids, *, num_rollouts: int, new_tokens: int, repeats: int) -> dict:
   """Our full jitted RL step, and our policy update alone on fixed rollouts."""
-  tx = train_steps.adamw(1e-4, 0.9, 0.95, 0.0, 1.0)
-  advantage_fn = estimators.get_advantage_fn("maxrl")
-  rl_step = train_steps.make_rl_step(
-      model_fns, tx, prompt_fn=maze.encode_prompts, verifier=maze.verify_groups, advantage_fn=advantage_fn,
-      num_samples=num_rollouts, max_new_tokens=new_tokens, stop_tokens=())  # Fixed length, as generate.
-  init = jax.jit(lambda p: train_steps.init_state(p, tx))
+  hyper = step_lib.Hyper(learning_rate=1e-4, b1=0.9, b2=0.95, weight_decay=0.0)
+  spec = step_lib.RLSpec(num_samples=num_rollouts, max_new_tokens=new_tokens, stop_tokens=(),  # Fixed length,
+                         reduction="sequence_sum", grad_clip=1.0)                              # as generate.
+  tx = step_lib.rl_optimizer(hyper, spec)
+  maxrl = estimators.get_advantage_fn("maxrl")
+  advantage_fn = lambda rewards, h: maxrl(rewards)
+  rl_step = step_lib.make_rl_step(spec, model_fns, hyper, prompt_fn=maze.encode_prompts,
+                                  verifier=maze.verify_groups, advantage_fn=advantage_fn)
+  init = jax.jit(lambda p: step_lib.init_state(p, tx))
   temperature = jnp.float32(1.0)
   key = jax.random.key(_SEED.value + 2)
   start = time.perf_counter()
@@ -241,8 +244,8 @@ def bench_rl_step(model_fns, params, grids, *, num_rollouts: int, new_tokens: in
   rollouts = sampling.sample_rollouts(model_fns, params, prompts, key, num_rollouts=num_rollouts,
                                       max_new_tokens=new_tokens, stop_tokens=())
   rewards = maze.verify_groups(grids, rollouts.tokens)
-  update = jax.jit(lambda s, r: train_steps.policy_update(model_fns, tx, s, prompts, rollouts, r, temperature,
-                                                          advantage_fn=advantage_fn), donate_argnums=0)
+  update = jax.jit(lambda s, r: step_lib.update(spec, model_fns, s, prompts, rollouts, r, temperature, hyper,
+                                                advantage_fn=advantage_fn), donate_argnums=0)
   update_compiled = update.lower(init(params), rewards).compile()
   ustate = [init(params)]
 

@@ -96,7 +96,7 @@ def partial_table(root, name):
   for variant, runs in sorted(by_variant.items()):
     cells = []
     for key in keys + ["sft"]:
-      vals = np.array([r["sft_eval"]["pass@1"] if key == "sft" else r["eval"][key] for r in runs])
+      vals = np.array([r["initial_eval"]["pass@1"] if key == "sft" else r["eval"][key] for r in runs])
       cells.append(f"{vals.mean():.3f} ± {vals.std(ddof=1) if len(vals) > 1 else 0.0:.3f}")
     lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + " |")
   return [f"**Partial**: the run did not finish; {len(summaries)} runs are done. Mean ± std over the "

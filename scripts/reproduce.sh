@@ -24,7 +24,7 @@ case "$preset" in
     cls_args=(--objectives=cross_entropy,maxrl --num_samples=4 --grad_norm_samples=8
               --config.data.name=procedural_classes/c100 --config.model.hidden_sizes="(32,)"
               --config.train.batch_size=32 --config.train.num_steps=20 --config.train.steps_per_call=10
-              --config.train.log_every=10 --config.optim.warmup_steps=0 --config.eval.every_steps=10
+              --config.log_every_steps=10 --config.optim.warmup_steps=0 --config.eval.every_steps=10
               --config.eval.batch_size=500 --config.eval.num_train_examples=200) ;;
   *) echo "usage: bash scripts/reproduce.sh {cpu|paper|tiny} [ROOT]" >&2; exit 2 ;;
 esac

@@ -45,11 +45,11 @@ def main():
 
   import jax  # pylint: disable=import-outside-toplevel
 
-  from maxrl_jax import run_logging, train_maze  # pylint: disable=import-outside-toplevel
+  from maxrl_jax import run_logging, train  # pylint: disable=import-outside-toplevel
 
   config = sharding_config()
   config.population.member_devices = args.member_devices
-  summary = train_maze.train_and_evaluate(config, args.workdir)
+  summary = train.train_and_evaluate(config, args.workdir)
   result = {"num_devices": jax.device_count(), "mesh": summary["mesh"],
             "records": run_logging.MetricsWriter(args.workdir).read(),
             "members": [m["name"] for m in summary["members"]]}

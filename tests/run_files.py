@@ -3,15 +3,12 @@
 import json
 import os
 
+from maxrl_jax import config_fields
+
 
 def with_overrides(config, overrides):
   """`config` with dotted-key overrides applied in place ({"rl.steps": 4}); returns it."""
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+  config_fields.set_fields(config, overrides)
   return config
 
 

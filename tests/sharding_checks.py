@@ -94,18 +94,19 @@ def run_problem(mesh, *, with_checkpoint_dir: str = ""):
 
   from maxrl_jax import estimators
   from maxrl_jax import sharding
-  from maxrl_jax import train_steps
+  from maxrl_jax.rl import sft as sft_lib
+  from maxrl_jax.rl import step as step_lib
 
   model_fns, sft_batches, prompts, verifier = _problem()
   rules = sharding.DEFAULT_PARAM_RULES
   batch = sharding.batch_sharding(mesh)
   key = jax.random.key(0)
 
-  sft_tx = train_steps.adamw(1e-2, 0.9, 0.95, 0.01, 1.0)
+  sft_tx = step_lib.adamw(1e-2, 0.9, 0.95, 0.01, 1.0)
   state, state_sharding = sharding.init_sharded(
-      lambda k: train_steps.init_state(model_fns.init(k), sft_tx), jax.random.fold_in(key, 0), mesh=mesh,
+      lambda k: step_lib.init_state(model_fns.init(k), sft_tx), jax.random.fold_in(key, 0), mesh=mesh,
       rules=rules)
-  sft_step = train_steps.make_sft_step(model_fns, sft_tx, state_sharding=state_sharding, batch_sharding=batch)
+  sft_step = sft_lib.make_sft_step(model_fns, sft_tx, state_sharding=state_sharding, batch_sharding=batch)
   result = {"sft": [], "rl": []}
   for step_batch in sft_batches:
     old_leaf = state.params["embed_tokens"]["embedding"]
@@ -113,13 +114,16 @@ def run_problem(mesh, *, with_checkpoint_dir: str = ""):
     result["sft"].append({k: float(v) for k, v in metrics.items()})
   result["sft_state_donated"] = bool(old_leaf.is_deleted())
 
-  rl_tx = train_steps.adamw(1e-2, 0.9, 0.95, 0.0, 1.0)
+  hyper = step_lib.Hyper(learning_rate=1e-2, b1=0.9, b2=0.95, weight_decay=0.0)
+  spec = step_lib.RLSpec(num_samples=NUM_ROLLOUTS, max_new_tokens=MAX_NEW_TOKENS, stop_tokens=(EOS,),
+                         reduction="sequence_sum", grad_clip=1.0)
+  rl_tx = step_lib.rl_optimizer(hyper, spec)
   rl_state, rl_sharding = sharding.init_sharded(
-      lambda params: train_steps.init_state(params, rl_tx), state.params, mesh=mesh, rules=rules)
-  rl_step = train_steps.make_rl_step(
-      model_fns, rl_tx, prompt_fn=lambda tasks: tasks, verifier=verifier,
-      advantage_fn=estimators.get_advantage_fn("maxrl"), num_samples=NUM_ROLLOUTS,
-      max_new_tokens=MAX_NEW_TOKENS, stop_tokens=(EOS,), state_sharding=rl_sharding, batch_sharding=batch)
+      lambda params: step_lib.init_state(params, rl_tx), state.params, mesh=mesh, rules=rules)
+  maxrl = estimators.get_advantage_fn("maxrl")
+  rl_step = step_lib.make_rl_step(spec, model_fns, hyper, prompt_fn=lambda tasks: tasks, verifier=verifier,
+                                  advantage_fn=lambda rewards, h: maxrl(rewards), state_sharding=rl_sharding,
+                                  batch_sharding=batch)
   for step in range(NUM_STEPS):
     old_leaf = rl_state.params["embed_tokens"]["embedding"]
     rl_state, metrics = rl_step(rl_state, sharding.shard_global_array(prompts[step], batch),
@@ -171,7 +175,7 @@ def trainer_config_errors():
   import tempfile
 
   from configs import maze as maze_config
-  from maxrl_jax import train_maze
+  from maxrl_jax import train
 
   errors = {}
   for name, overrides in {"prompts_not_divisible": {"rollout.num_prompts": 12},
@@ -185,7 +189,7 @@ def trainer_config_errors():
       config[group][field] = value
     with tempfile.TemporaryDirectory() as workdir:
       try:
-        train_maze.train_and_evaluate(config, workdir)
+        train.train_and_evaluate(config, workdir)
         errors[name] = None
       except ValueError as e:
         errors[name] = str(e)

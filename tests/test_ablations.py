@@ -12,9 +12,9 @@ import pytest
 
 from maxrl_jax import estimators
 from maxrl_jax import sampling
-from maxrl_jax import train_steps
+from maxrl_jax.rl import step as step_lib
 from maxrl_jax.models import decoder
-from maxrl_jax.tasks import maze
+from maxrl_jax.tasks.maze import env as maze
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -53,14 +53,16 @@ def tiny_model():
   return fns, fns.init(jax.random.key(0))
 
 
-def _one_step(tiny_model, **kwargs):
+def _one_step(tiny_model, self_filter=False, **hyper_fields):
   fns, params = tiny_model
-  tx = train_steps.adamw(1e-3, 0.9, 0.95, 0.0, 1.0)
-  step = train_steps.make_rl_step(
-      fns, tx, prompt_fn=maze.encode_prompts, verifier=maze.verify_groups,
-      advantage_fn=estimators.get_advantage_fn("grpo"), num_samples=4, max_new_tokens=12,
-      stop_tokens=(maze.DONE, maze.EOS), **kwargs)
-  state = train_steps.init_state(jax.tree_util.tree_map(jnp.copy, params), tx)
+  hyper = step_lib.Hyper(learning_rate=1e-3, b1=0.9, b2=0.95, weight_decay=0.0, self_filter=self_filter,
+                         **hyper_fields)
+  spec = step_lib.RLSpec(num_samples=4, max_new_tokens=12, stop_tokens=(maze.DONE, maze.EOS),
+                         reduction="sequence_sum", use_self=self_filter, grad_clip=1.0)
+  grpo = estimators.get_advantage_fn("grpo")
+  step = step_lib.make_rl_step(spec, fns, hyper, prompt_fn=maze.encode_prompts, verifier=maze.verify_groups,
+                               advantage_fn=lambda rewards, h: grpo(rewards))
+  state = step_lib.init_state(jax.tree_util.tree_map(jnp.copy, params), step_lib.rl_optimizer(hyper, spec))
   grids = maze.generate_mazes(jax.random.key(7), 4, 5)
   return step(state, grids, jax.random.key(3), jnp.float32(1.0))
 
@@ -105,7 +107,7 @@ def test_objective_comparison_runs_and_skips_finished_runs(tmp_path, capsys):
   assert [m["name"] for m in members] == ["self/seed0", "maxrl/seed0", "diff_smoothing/seed0"]
   for name in ("maxrl", "self"):
     with open(os.path.join(workdir, "runs", name, "seed0", "summary.json")) as f:
-      assert json.load(f)["sft_eval"] == members[0]["sft_eval"]
+      assert json.load(f)["initial_eval"] == members[0]["initial_eval"]
   capsys.readouterr()
   objectives_experiment.run(config, workdir)
   assert "already holds this population, finished" in capsys.readouterr().out
@@ -114,7 +116,7 @@ def test_objective_comparison_runs_and_skips_finished_runs(tmp_path, capsys):
 
 @pytest.mark.parametrize("preset", ["cpu", "paper", "tiny"])
 def test_every_run_of_every_ablation_preset_is_a_valid_config(preset):
-  # The runs run_all would launch, each checked by train_maze.validate_config: a paper-scale sweep cannot
+  # The runs run_all would launch, each checked by maxrl_jax.train.validate_config: a paper-scale sweep cannot
   # fail on its 40th run's config hours after it started.
   expected = {"cpu": (24, 27, 9), "paper": (24, 54, 9), "tiny": (8, 6, 3)}[preset]
   counts = []
@@ -158,13 +160,17 @@ def test_micro_batched_update_equals_one_batch_with_smoothing_and_self(tiny_mode
       fns, p, prompts, jax.random.key(1), num_rollouts=4, max_new_tokens=12,
       stop_tokens=(maze.DONE, maze.EOS)))(params)
   rewards = jnp.asarray([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 0], [0, 1, 0, 0]], jnp.float32)
-  kwargs = dict(advantage_fn=estimators.get_advantage_fn("grpo"), reduction=reduction, entropy_coef=0.01,
-                smoothing_gamma=0.05, zero_prompts=jnp.array([False, False, True, False]))
+  grpo = estimators.get_advantage_fn("grpo")
+  hyper = step_lib.Hyper(learning_rate=1.0, b1=0.9, b2=0.95, weight_decay=0.0, entropy_coef=0.01,
+                         smoothing_gamma=0.05)
 
   def update(micro):
-    state = train_steps.init_state(jax.tree_util.tree_map(jnp.copy, params), tx)
-    return jax.jit(lambda s: train_steps.policy_update(
-        fns, tx, s, prompts, rollouts, rewards, jnp.float32(1.0), **micro, **kwargs))(state)
+    spec = step_lib.RLSpec(num_samples=4, max_new_tokens=12, stop_tokens=(maze.DONE, maze.EOS),
+                           reduction=reduction, **micro)
+    state = step_lib.init_state(jax.tree_util.tree_map(jnp.copy, params), tx)
+    return jax.jit(lambda s: step_lib.update(
+        spec, fns, s, prompts, rollouts, rewards, jnp.float32(1.0), hyper, advantage_fn=lambda r, h: grpo(r),
+        zero_prompts=jnp.array([False, False, True, False]), tx=tx))(state)
 
   state_a, metrics_a = update({})
   state_b, metrics_b = update({"micro_batch_prompts": 2, "micro_batch_rollouts": 2})
@@ -177,12 +183,14 @@ def test_micro_batched_update_equals_one_batch_with_smoothing_and_self(tiny_mode
 
 def test_micro_batches_must_divide_the_batch(tiny_model):
   fns, params = tiny_model
-  tx = train_steps.adamw(1e-2, 0.9, 0.95, 0.0, 1.0)
+  hyper = step_lib.Hyper(learning_rate=1e-2, b1=0.9, b2=0.95, weight_decay=0.0)
+  spec = step_lib.RLSpec(num_samples=4, max_new_tokens=3, stop_tokens=(), micro_batch_rollouts=3)
+  tx = step_lib.rl_optimizer(hyper, spec)
   prompts = maze.encode_prompts(maze.generate_mazes(jax.random.key(7), 4, 5))
   rollouts = sampling.Rollouts(tokens=jnp.zeros((4, 4, 3), jnp.int32), logprobs=jnp.zeros((4, 4, 3)),
                                mask=jnp.ones((4, 4, 3), bool), lengths=jnp.full((4, 4), 3),
                                stopped=jnp.ones((4, 4), bool), num_steps=jnp.int32(3))
   with pytest.raises(ValueError, match="micro_batch_rollouts=3 must divide N=4"):
-    train_steps.policy_update(fns, tx, train_steps.init_state(params, tx), prompts, rollouts,
-                              jnp.zeros((4, 4)), jnp.float32(1.0),
-                              advantage_fn=estimators.get_advantage_fn("grpo"), micro_batch_rollouts=3)
+    grpo = estimators.get_advantage_fn("grpo")
+    step_lib.update(spec, fns, step_lib.init_state(params, tx), prompts, rollouts, jnp.zeros((4, 4)),
+                    jnp.float32(1.0), hyper, advantage_fn=lambda r, h: grpo(r))

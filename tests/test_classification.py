@@ -22,7 +22,9 @@ from maxrl_jax.classification import data as data_lib  # noqa: E402
 from maxrl_jax.classification import grad_norms  # noqa: E402
 from maxrl_jax.classification import models  # noqa: E402
 from maxrl_jax.classification import objectives  # noqa: E402
-from maxrl_jax.classification import train as train_lib  # noqa: E402
+from maxrl_jax import train as train_lib  # noqa: E402
+from maxrl_jax.classification import steps as steps_lib  # noqa: E402
+from maxrl_jax.trainers import loop  # noqa: E402
 
 ESTIMATOR_CASES = [
     ("reinforce", {}), ("rloo", {}), ("dr_grpo", {}), ("grpo", {}), ("maxrl", {}),
@@ -162,9 +164,9 @@ def test_batch_norm_train_and_eval_modes():
     out["conv_out"] = flax.linen.Conv(4, (3, 3), use_bias=False).apply(
         {"params": variables["params"]["Conv_0"]}, x)
     # The trainer's forward: train mode returns new statistics, eval mode returns the old ones.
-    _, out["forward_train_stats"] = train_lib.forward(model, variables["params"], variables["batch_stats"], x,
+    _, out["forward_train_stats"] = steps_lib.forward(model, variables["params"], variables["batch_stats"], x,
                                                       train=True)
-    _, out["forward_eval_stats"] = train_lib.forward(model, variables["params"], variables["batch_stats"], x,
+    _, out["forward_eval_stats"] = steps_lib.forward(model, variables["params"], variables["batch_stats"], x,
                                                      train=False)
     return out
 
@@ -293,14 +295,14 @@ def _tiny_config(data_dir, **overrides):
   config.model.hidden_sizes = (32,)
   config.train.batch_size = 32
   config.train.num_steps = 20
-  config.train.log_every = 10
+  config.log_every_steps = 10
   config.train.steps_per_call = 10
   config.optim.warmup_steps = 0
   config.eval.every_steps = 10
   config.eval.batch_size = 500
   config.eval.num_train_examples = 200
   config.rollout.num_samples = 64
-  config.train.progress_bar = False
+  config.progress_bar = False
   for path, value in overrides.items():
     node = config
     *parents, leaf = path.split(".")
@@ -330,13 +332,13 @@ def test_imagenet_preset_has_the_papers_hyperparameters():
 @pytest.mark.parametrize("overrides,fragment", [
     ({"objective.name": "maxrl", "rollout.num_samples": 1}, "num_samples=1 is invalid"),
     ({"objective.name": "maclaurin"}, "order"),
-    ({"train.log_every": 15}, "multiple of config.train.steps_per_call"),
+    ({"log_every_steps": 15}, "multiple of config.train.steps_per_call"),
     ({"optim.name": "lamb"}, "optim.name"),
     ({"optim.schedule": "step"}, "optim.schedule"),
     ({"data.augment": "mixup"}, "data.augment"),
     ({"model.name": "vit"}, "model.name"),
     ({"train.batch_size": 0}, "batch_size"),
-    ({"eval.pass_at_k": (1, 0)}, "pass_at_k"),
+    ({"eval.ks": (1, 0)}, "eval.ks"),
 ])
 def test_invalid_configs_raise_clear_errors(overrides, fragment):
   with pytest.raises(ValueError, match=fragment):
@@ -346,7 +348,7 @@ def test_invalid_configs_raise_clear_errors(overrides, fragment):
 @pytest.fixture(scope="module")
 def tiny_run(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
-  config = _tiny_config(data_dir, **{"checkpoint.every_steps": 10})
+  config = _tiny_config(data_dir, **{"checkpoint_every_steps": 10})
   summary = train_lib.train_and_evaluate(config, workdir)
   return workdir, config, summary
 
@@ -439,12 +441,75 @@ def test_main_entry_point_runs_the_classification_task(data_dir, tmp_path):
   cmd = [sys.executable, "-m", "maxrl_jax.main", "--config=configs/classification.py:tiny",
          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
          "--config.data.name=procedural_classes/c100", "--config.train.num_steps=10",
-         "--config.train.steps_per_call=10", "--config.train.log_every=10", "--config.model.hidden_sizes=(16,)",
+         "--config.train.steps_per_call=10", "--config.log_every_steps=10", "--config.model.hidden_sizes=(16,)",
          "--config.eval.num_train_examples=100", "--config.objective.name=grpo",
-         "--config.rollout.num_samples=8", "--config.train.progress_bar=False"]
+         "--config.rollout.num_samples=8", "--config.progress_bar=False"]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "pass@1024" in out.stdout
   with open(os.path.join(workdir, "summary.json")) as f:
     assert json.load(f)["objective"] == "grpo"
+
+
+def test_a_diverged_run_stops_inside_a_fused_call_naming_the_step(data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = _tiny_config(data_dir, **{"optim.learning_rate": float("inf"), "checkpoint_every_steps": 10})
+  with pytest.raises(loop.NonFiniteError, match=r"train diverged: .* is (nan|inf|not finite) at step [1-9]\b"):
+    train_lib.train_and_evaluate(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, "summary.json"))
+  directory = os.path.join(workdir, "checkpoints", "train")
+  assert not os.path.isdir(directory) or not [s for s in os.listdir(directory) if s.isdigit()]
+
+
+@pytest.mark.parametrize("override, new", [("train.log_every", "log_every_steps"),
+                                           ("checkpoint.every_steps", "checkpoint_every_steps"),
+                                           ("eval.pass_at_k", "eval.ks"), ("objective.kwargs.order", "objective")])
+def test_fields_of_earlier_configs_name_their_replacement(override, new):
+  from maxrl_jax.trainers import harness  # pylint: disable=g-import-not-at-top
+
+  assert f"config.{new}" in harness.renamed_field_message(override)
+  cmd = [sys.executable, "-m", "maxrl_jax.main", "--config=configs/classification.py:tiny", "--workdir=/tmp/x",
+         f"--config.{override}=1"]
+  out = subprocess.run(cmd, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 2 and f"config.{new}" in out.stderr and "Traceback" not in out.stderr
+
+
+_MESH_SCRIPT = """
+import json, sys
+import jax
+sys.path.insert(0, {repo!r})
+from configs import classification as cls_configs
+from maxrl_jax import train
+config = cls_configs.get_config("tiny")
+config.data.name = "procedural_classes/c100"
+config.data.data_dir = {data_dir!r}
+config.model.hidden_sizes = (32,)
+config.train.batch_size, config.train.num_steps, config.train.steps_per_call = 32, 20, 10
+config.log_every_steps, config.checkpoint_every_steps = 10, 10
+config.optim.warmup_steps = 0
+config.eval.every_steps, config.eval.batch_size, config.eval.num_train_examples = 10, 500, 200
+config.rollout.num_samples = 64
+config.progress_bar = False
+config.mesh.shape = {shape!r}
+summary = train.train_and_evaluate(config, {workdir!r})
+json.dump({{"summary": summary, "devices": len(jax.devices())}}, open({out!r}, "w"))
+"""
+
+
+def test_the_mesh_splits_batches_over_two_devices_and_matches_one(data_dir, tiny_run, tmp_path):
+  """config.mesh on 2 fake CPU devices (data=2): the same run as on one device, up to float round-off."""
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "out.json")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
+  script = _MESH_SCRIPT.format(repo=REPO, data_dir=data_dir, workdir=workdir, out=out, shape=(-1, 1))
+  result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(out) as f:
+    outputs = json.load(f)
+  assert outputs["devices"] == 2 and outputs["summary"]["hardware"]["num_devices"] == 2
+  single = tiny_run[2]
+  for key in ("pass@1", "pass@64", "top1", "nll"):
+    np.testing.assert_allclose(outputs["summary"]["eval"][key], single["eval"][key], rtol=2e-3, err_msg=key)

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxrl_jax import train_maze
-from maxrl_jax.tasks import maze
-from maxrl_jax.tasks import maze_dataset
+from maxrl_jax.tasks.maze import task as maze_task
+from maxrl_jax.tasks.maze import env as maze
+from maxrl_jax.tasks.maze import dataset as maze_dataset
 
 _generate = jax.jit(maze.generate_mazes, static_argnums=(1, 2))
 _draw = jax.jit(maze.draw_training_mazes, static_argnums=(1, 2))
@@ -95,8 +95,8 @@ def test_redrawn_mazes_follow_the_prim_law_conditioned_on_not_held_out():
 def test_heldout_room_refuses_a_test_set_that_covers_the_distribution():
   heldout = np.asarray(_generate(jax.random.key(0), 4096, 5))[:8]  # 5 x 5 has 4 distinct mazes.
   with pytest.raises(ValueError, match=r"config.eval.num_mazes / config.maze.size.*5x5.*larger config.maze.size"):
-    train_maze.check_heldout_room(heldout, 5)
-  report = train_maze.check_heldout_room(np.asarray(_generate(jax.random.key(0), 4096, 7))[:2], 7)
+    maze_task.check_heldout_room(heldout, 5)
+  report = maze_task.check_heldout_room(np.asarray(_generate(jax.random.key(0), 4096, 7))[:2], 7)
   assert report["num_mazes"] == 2 and 0 < report["share_of_distribution"] < 0.1
 
 
@@ -116,7 +116,7 @@ def test_overlap_report_counts_exactly():
   mazes = np.asarray(_generate(jax.random.key(3), 4096, size))[:6]
   bits = np.asarray(maze.passage_bits(jnp.asarray(mazes)))
   sources = {"sft": bits[[0, 0, 1]], "rl": bits[[2, 3]]}
-  report = train_maze.overlap_report(sources, mazes[[3, 4]])
+  report = maze_task.overlap_report(sources, mazes[[3, 4]])
   assert report["sft"] == {"drawn": 3, "distinct": len(_rows(mazes[[0, 1]])), "overlap_with_heldout": 0}
   assert report["rl"]["overlap_with_heldout"] == 1
   assert report["all"]["drawn"] == 5

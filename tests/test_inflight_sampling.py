@@ -114,14 +114,14 @@ def test_text_trainer_with_inflight_sampling(tmp_path):
   import os
 
   from configs import gsm8k_smollm2
-  from maxrl_jax.text import train as text_train
+  from maxrl_jax import train
 
   config = gsm8k_smollm2.get_config("tiny")
   config.rollout.inflight_slots = 3  # 2 prompts x 4 rollouts per call through 3 rows
   config.sft.steps, config.rl.steps = 10, 2
   config.eval.every_steps, config.log_every_steps, config.checkpoint_every_steps = 2, 1, 2
   config.eval.num_problems = 4
-  summary = text_train.train_and_evaluate(config, str(tmp_path))
+  summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary["rl_steps"] == 2 and 0 <= summary["eval"]["pass@1"] <= 1
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
     rl = [r for r in map(json.loads, f) if r["phase"] == "rl"]

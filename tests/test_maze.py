@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from maxrl_jax.tasks import maze
+from maxrl_jax.tasks.maze import env as maze
 
 try:  # tests/ on sys.path (pytest's default rootdir insertion) or tests/ as a package
     import maze_reference as ref
@@ -500,7 +500,7 @@ def test_verifier_matches_reference_at_paper_shapes(mazes_by_size):
 
 
 def test_tfds_maze_dataset_round_trip(tmp_path):
-    from maxrl_jax.tasks import maze_dataset
+    from maxrl_jax.tasks.maze import dataset as maze_dataset
 
     tensorflow_was_loaded = "tensorflow" in sys.modules
     size, num_train, num_test = SMALL, 3, 4
@@ -542,7 +542,7 @@ def test_tfds_maze_dataset_round_trip(tmp_path):
 
 
 def test_tfds_registered_configs(tmp_path):
-    from maxrl_jax.tasks import maze_dataset
+    from maxrl_jax.tasks.maze import dataset as maze_dataset
 
     names = {config.name for config in maze_dataset.MaxrlMaze.BUILDER_CONFIGS}
     assert maze_dataset.config_name(17, maze_dataset.DEFAULT_NUM_TRAIN, maze_dataset.DEFAULT_NUM_TEST) in names

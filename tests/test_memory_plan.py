@@ -21,7 +21,7 @@ from maxrl_jax import estimators
 from maxrl_jax import inflight_sampling
 from maxrl_jax import memory_plan
 from maxrl_jax import sampling
-from maxrl_jax import train_steps
+from maxrl_jax.rl import step as step_lib
 from maxrl_jax.models import decoder
 from maxrl_jax.models import hf_loading
 
@@ -45,15 +45,17 @@ def _sampler_temp_bytes(config, P, N, L, M):
 def _update_temp_bytes(config, P, N, L, M, micro_batch):
   fns = decoder.DecoderFns(config)
   params = jax.eval_shape(fns.init, jax.random.key(0))
-  tx = train_steps.adamw(1e-4, 0.9, 0.95, 0.0, 1.0)
-  state = jax.eval_shape(lambda p: train_steps.init_state(p, tx), params)
+  hyper = step_lib.Hyper(learning_rate=1e-4, b1=0.9, b2=0.95, weight_decay=0.0)
+  rl_spec = step_lib.RLSpec(num_samples=N, max_new_tokens=M, stop_tokens=(), reduction="sequence_sum",
+                            micro_batch_prompts=micro_batch[0], micro_batch_rollouts=micro_batch[1])
+  state = jax.eval_shape(lambda p: step_lib.init_state(p, step_lib.rl_optimizer(hyper, rl_spec)), params)
   spec = jax.ShapeDtypeStruct
   rollouts = sampling.Rollouts(tokens=spec((P, N, M), jnp.int32), logprobs=spec((P, N, M), jnp.float32),
                                mask=spec((P, N, M), bool), lengths=spec((P, N), jnp.int32),
                                stopped=spec((P, N), bool), num_steps=spec((), jnp.int32))
-  update = jax.jit(lambda s, x, r, w: train_steps.policy_update(
-      fns, tx, s, x, r, w, 1.0, advantage_fn=estimators.get_advantage_fn("maxrl"),
-      micro_batch_prompts=micro_batch[0], micro_batch_rollouts=micro_batch[1]), donate_argnums=0)
+  maxrl = estimators.get_advantage_fn("maxrl")
+  update = jax.jit(lambda s, x, r, w: step_lib.update(
+      rl_spec, fns, s, x, r, w, 1.0, hyper, advantage_fn=lambda rewards, h: maxrl(rewards)), donate_argnums=0)
   compiled = update.lower(state, spec((P, L), jnp.int32), rollouts, spec((P, N), jnp.float32)).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
@@ -177,7 +179,8 @@ def test_roofline_costs():
 _LAYOUT_SCRIPT = r"""
 import json, math, sys
 import jax, numpy as np
-from maxrl_jax import memory_plan, sharding, train_steps
+from maxrl_jax import memory_plan, sharding
+from maxrl_jax.rl import step as step_lib
 from maxrl_jax.models import decoder
 assert len(jax.devices()) == 8
 out = {}
@@ -186,8 +189,8 @@ for name in ("qwen3-1.7b", "qwen3-4b"):
   for data, fsdp in ((1, 8), (2, 4)):
     mesh = jax.make_mesh((data, fsdp), ("data", "fsdp"))
     params = decoder.param_shapes(config)
-    tx = train_steps.adamw(1e-6, 0.9, 0.999, 0.01, 1.0)
-    state = jax.eval_shape(lambda p: train_steps.init_state(p, tx), params)
+    tx = step_lib.adamw(1e-6, 0.9, 0.999, 0.01, 1.0)
+    state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
     shardings = sharding.tree_shardings(state, mesh)
     def per_device(tree, shards):  # Arrays only (not Adam's scalar step count).
       return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize

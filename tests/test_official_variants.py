@@ -11,7 +11,7 @@ from jax.experimental import checkify
 
 from maxrl_jax import estimators
 from maxrl_jax import metrics
-from maxrl_jax.tasks import maze
+from maxrl_jax.tasks.maze import env as maze
 
 REWARDS = np.array([[1, 0, 0, 1], [1, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]], np.float32)
 

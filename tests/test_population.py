@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -14,9 +15,10 @@ from jax.sharding import PartitionSpec
 
 from configs import maze as maze_config
 from maxrl_jax import estimators
-from maxrl_jax import population
+from maxrl_jax import config_fields
 from maxrl_jax import run_logging
-from maxrl_jax import train_maze
+from maxrl_jax import train
+from maxrl_jax.rl import population
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -37,9 +39,7 @@ TIMING_KEYS = ("step_time_s", "tokens_per_s")
 def tiny(**overrides):
   config = maze_config.get_config("tiny")
   config.logging.tensorboard = False
-  for key, value in overrides.items():
-    group, name = key.split(".")
-    config[group][name] = value
+  config_fields.set_fields(config, overrides)
   return config
 
 
@@ -73,9 +73,9 @@ def test_shared_hyperparameters_stay_constants_and_objectives_become_branches():
   config.population.objectives = ("maxrl", "grpo", "pkpo4: objective.name=pkpo, objective.k=4", GRPO_ALL)
   members = population.members(config)
   shared, varying = population.member_hyperparameters(members)
-  assert shared == {"rl.b1": 0.9, "rl.b2": 0.999, "rl.weight_decay": 0.01}
-  np.testing.assert_allclose(varying["rl.learning_rate"], [1e-4, 1e-4, 1e-4, 3e-4])
-  np.testing.assert_array_equal(varying["objective.self_filter"], [False, False, False, True])
+  assert shared == {"b1": 0.9, "b2": 0.999, "weight_decay": 0.01}
+  np.testing.assert_allclose(varying["learning_rate"], [1e-4, 1e-4, 1e-4, 3e-4])
+  np.testing.assert_array_equal(varying["self_filter"], [False, False, False, True])
   branches, index = population.advantage_branches(members)
   # grpo_all shares grpo's estimator (smoothing and SELF act on top of the advantages).
   assert [name for name, _ in branches] == ["maxrl", "grpo", "pkpo"]
@@ -84,7 +84,8 @@ def test_shared_hyperparameters_stay_constants_and_objectives_become_branches():
   rewards = jax.numpy.array([[1.0, 0.0, 0.0, 1.0]])
   for i, (name, kwargs) in enumerate(branches):
     expected = estimators.get_advantage_fn(name, **kwargs)(rewards)
-    np.testing.assert_array_equal(jax.vmap(lambda j: advantage(rewards, j))(jax.numpy.array([i]))[0], expected)
+    member = lambda j: advantage(rewards, types.SimpleNamespace(objective=j))  # The member's branch index.
+    np.testing.assert_array_equal(jax.vmap(member)(jax.numpy.array([i]))[0], expected)
 
 
 @pytest.mark.parametrize("field, value, match", [
@@ -100,7 +101,7 @@ def test_bad_populations_name_the_entry_and_the_fix(field, value, match):
   config = tiny()
   config.population[field] = value
   with pytest.raises(ValueError, match=match):
-    train_maze.validate_config(config)
+    train.validate_config(config)
 
 
 def test_member_axis_layouts():
@@ -139,11 +140,11 @@ def runs(tmp_path_factory):
   config.population.objectives = ("maxrl", GRPO_ALL)
   config.population.seeds = (0, 1)
   config.logging.tensorboard = True  # One TensorBoard run per member (event files need no extra package).
-  summary = train_maze.train_and_evaluate(config, str(root / "population"))
+  summary = train.train_and_evaluate(config, str(root / "population"))
   singles = {}
   for member in population.members(config):
     workdir = root / member.name.replace("/", "_")
-    singles[member.index] = (train_maze.train_and_evaluate(member.config, str(workdir)),
+    singles[member.index] = (train.train_and_evaluate(member.config, str(workdir)),
                              run_logging.MetricsWriter(str(workdir)).read())
   return {"root": root, "config": config, "summary": summary, "singles": singles,
           "records": run_logging.MetricsWriter(str(root / "population")).read()}
@@ -170,7 +171,7 @@ def test_each_member_reproduces_its_single_run(runs):
     single = [r for r in single_records if r["phase"] in ("rl", "eval")]
     _assert_same_run(_member_records(runs["records"], index), single)
     member = runs["summary"]["members"][index]
-    assert member["eval"] == single_summary["eval"] and member["sft_eval"] == single_summary["sft_eval"]
+    assert member["eval"] == single_summary["eval"] and member["initial_eval"] == single_summary["initial_eval"]
   # The RL steps did real work: rollouts passed and failed, and the policies moved.
   rl = [r for r in runs["records"] if r["phase"] == "rl"]
   assert any(0 < r["pass_rate"] < 1 for r in rl) and all(r["grad_norm"] > 0 for r in rl)
@@ -207,7 +208,7 @@ def test_summary_table_and_member_workdirs(runs):
   for run in ("maxrl/seed0", "grpo_all/seed1", "sft/seed0"):
     assert list((root / "tensorboard" / run).glob("events.out.tfevents.*")), run
   # A finished population is recognised and left alone.
-  again = train_maze.train_and_evaluate(runs["config"], str(root))
+  again = train.train_and_evaluate(runs["config"], str(root))
   assert again == json.loads(json.dumps(summary))
 
 
@@ -220,7 +221,25 @@ def test_resumed_population_equals_the_uninterrupted_one(runs):
   (workdir / "summary.json").unlink()
   records = run_logging.MetricsWriter(str(workdir)).read()
   run_logging.MetricsWriter(str(workdir)).replace_all(records[:len(records) // 2])
-  train_maze.train_and_evaluate(runs["config"], str(workdir))
+  train.train_and_evaluate(runs["config"], str(workdir))
+  strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rs]
+  assert strip(run_logging.MetricsWriter(str(workdir)).read()) == strip(runs["records"])
+
+
+def test_a_population_stopped_by_a_signal_resumes_to_the_uninterrupted_records(runs, monkeypatch):
+  from maxrl_jax.trainers import harness, loop  # pylint: disable=import-outside-toplevel
+
+  workdir = runs["root"] / "stopped"
+  shutil.copytree(runs["root"] / "population", workdir)
+  # Back to the RL checkpoint of step 2 (as after a kill), then a SIGTERM arrives during RL step 3.
+  shutil.rmtree(workdir / "checkpoints" / "rl" / "4")
+  (workdir / "summary.json").unlink()
+  monkeypatch.setattr(harness.StopSignals, "requested", lambda self, step: step == 3)
+  with pytest.raises(loop.Preempted, match="rl: stopped at step 3"):
+    train.train_and_evaluate(runs["config"], str(workdir))
+  assert (workdir / "checkpoints" / "rl" / "3").is_dir()  # Saved at the step it reached (not an interval).
+  monkeypatch.undo()
+  train.train_and_evaluate(runs["config"], str(workdir))
   strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rs]
   assert strip(run_logging.MetricsWriter(str(workdir)).read()) == strip(runs["records"])
 
@@ -265,15 +284,14 @@ def test_population_layouts_on_eight_devices_match_one_device(layouts):
 def test_population_config_is_the_one_the_checks_use():
   config = population_checks.sharding_config()
   assert len(population.members(config)) == 8
-  train_maze.validate_config(config)
+  train.validate_config(config)
 
 
 def test_dry_run_lists_the_members():
-  from maxrl_jax import dry_run  # pylint: disable=import-outside-toplevel
   config = tiny()
   config.population.objectives = ("maxrl", "grpo")
   config.population.seeds = (0, 1, 2)
-  work = dry_run.maze_work(config)
+  work = train.expected_work(config)
   assert work["population"].startswith("6 members, one jitted program: maxrl/seed0, maxrl/seed1")
   assert "once per seed (3)" in work["population work"]
 

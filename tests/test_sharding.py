@@ -60,13 +60,13 @@ def test_bad_mesh_configs_fail_with_the_field(mesh, match):
 
 
 def test_bad_mesh_fails_before_training(tmp_path):
-  from maxrl_jax import train_maze
+  from maxrl_jax import train
 
   config = maze_config.get_config("tiny")
   config.mesh.shape = (len(jax.devices()) + 1, 1)
   workdir = tmp_path / "run"
   with pytest.raises(ValueError, match=r"config\.mesh\.shape"):
-    train_maze.train_and_evaluate(config, str(workdir))
+    train.train_and_evaluate(config, str(workdir))
   assert not workdir.exists()  # Nothing written.
 
 
@@ -121,12 +121,12 @@ def test_rules_first_match_wins_and_explicit_specs_are_checked():
 
 
 def test_tree_shardings_cover_params_and_optimizer_state():
-  from maxrl_jax import train_steps
   from maxrl_jax.models import decoder
+  from maxrl_jax.rl import step as step_lib
 
   model_fns = decoder.DecoderFns(decoder.DecoderConfig(num_layers=1))
-  tx = train_steps.adamw(1e-3, 0.9, 0.95, 0.0, 1.0)
-  abstract = jax.eval_shape(lambda k: train_steps.init_state(model_fns.init(k), tx), jax.random.key(0))
+  tx = step_lib.adamw(1e-3, 0.9, 0.95, 0.0, 1.0)
+  abstract = jax.eval_shape(lambda k: step_lib.init_state(model_fns.init(k), tx), jax.random.key(0))
   mesh = sharding.make_mesh(None)
   shardings = sharding.tree_shardings(abstract, mesh)
   assert jax.tree.structure(shardings) == jax.tree.structure(abstract)

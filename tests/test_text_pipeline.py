@@ -14,12 +14,14 @@ import pytest
 
 from maxrl_jax import estimators
 from maxrl_jax import sampling
-from maxrl_jax import train_steps
+from maxrl_jax import train
 from maxrl_jax.models import decoder as dec
+from maxrl_jax.rl import step as step_lib
+from maxrl_jax.tasks import base as tasks_base
+from maxrl_jax.tasks import text as text_task
 from maxrl_jax.text import data as data_lib
 from maxrl_jax.text import synthetic
 from maxrl_jax.text import tokenizer as tok
-from maxrl_jax.text import train as text_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -226,21 +228,26 @@ def test_left_padded_prompts_match_unpadded(pad_model):
   np.testing.assert_allclose(teacher * padded.mask[0], padded.logprobs[0], atol=1e-5)
 
 
-def test_micro_batched_update_equals_policy_update(pad_model):
+def test_micro_batched_update_equals_the_one_batch_update(pad_model):
   fns, params = pad_model
-  tx = train_steps.adamw(1e-2, 0.9, 0.95, 0.0, 1.0)
+  hyper = step_lib.Hyper(learning_rate=1e-2, b1=0.9, b2=0.95, weight_decay=0.0, entropy_coef=0.01)
   prompts = sampling.left_pad([[5, 6, 7], [9, 8, 7, 6], [1, 2], [3, 3, 3, 3, 3]], length=6)
   rollouts = sampling.sample_rollouts(fns, params, prompts, jax.random.key(1), num_rollouts=4, max_new_tokens=5,
                                       stop_tokens=(3,))
   rewards = jnp.asarray([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 0], [0, 1, 0, 0]], jnp.float32)
   # token_mean: the reduction whose micro-batch weights are not uniform (shares of the token count).
   for reduction in ("token_mean",):
-    kwargs = dict(advantage_fn=estimators.get_advantage_fn("maxrl"), reduction=reduction, entropy_coef=0.01)
-    reference = text_train.make_policy_update(fns, tx, **kwargs)
-    micro = text_train.make_policy_update(fns, tx, micro_batch_prompts=2, micro_batch_rollouts=2, **kwargs)
-    fresh = lambda: train_steps.init_state(jax.tree_util.tree_map(jnp.copy, params), tx)  # donated
-    state_a, metrics_a = reference(fresh(), prompts, rollouts, rewards, jnp.float32(1.0))
-    state_b, metrics_b = micro(fresh(), prompts, rollouts, rewards, jnp.float32(1.0))
+    maxrl = estimators.get_advantage_fn("maxrl")
+    spec = step_lib.RLSpec(num_samples=4, max_new_tokens=5, stop_tokens=(3,), reduction=reduction, grad_clip=1.0)
+    micro_spec = step_lib.RLSpec(num_samples=4, max_new_tokens=5, stop_tokens=(3,), reduction=reduction,
+                                 grad_clip=1.0, micro_batch_prompts=2, micro_batch_rollouts=2)
+    kwargs = dict(advantage_fn=lambda r, h: maxrl(r))
+    reference = step_lib.make_update(spec, fns, hyper, **kwargs)
+    micro = step_lib.make_update(micro_spec, fns, hyper, **kwargs)
+    tx = step_lib.rl_optimizer(hyper, spec)
+    fresh = lambda: step_lib.init_state(jax.tree_util.tree_map(jnp.copy, params), tx)  # donated
+    state_a, metrics_a = reference(fresh(), prompts, rollouts, rewards, None, jnp.float32(1.0))
+    state_b, metrics_b = micro(fresh(), prompts, rollouts, rewards, None, jnp.float32(1.0))
     for key in ("loss", "grad_norm", "entropy", "pass_rate", "mean_abs_advantage"):
       np.testing.assert_allclose(metrics_a[key], metrics_b[key], rtol=2e-5, atol=1e-6, err_msg=key)
     assert float(metrics_b["logprob_mismatch"]) < 1e-4
@@ -263,19 +270,18 @@ def test_zero_reward_at_the_length_cap(tokenizer_dir, zero_truncated):
   """With zero_truncated, a response whose length reaches max_new_tokens scores 0 whether or not its last
   token was the stop token (verl's zero_reward_on_max_response_length); shorter ones keep their reward."""
   tokenizer = tok.TextTokenizer.from_pretrained(tokenizer_dir)
-  sampler = text_train.Sampler(None, tokenizer, _AllCorrect(), mesh=None, params_sharding=None, stop_tokens=(),
-                               pad_id=tokenizer.pad_id, prompt_bucket=8, max_prompt_tokens=8,
-                               zero_truncated=zero_truncated)
+  config = gsm8k_smollm2.get_config("tiny")
+  config.verifier.zero_truncated = zero_truncated
+  task = text_task.TextTask(config)
+  task.tokenizer, task.verifier = tokenizer, _AllCorrect()
   max_new_tokens = 6
   lengths = np.asarray([[2, 6, 6, 5]], np.int32)  # [P=1, N=4]
   stopped = np.asarray([[True, True, False, False]])
   tokens = np.full((1, 4, max_new_tokens), tokenizer.pad_id, np.int32)
-  rollouts = sampling.Rollouts(tokens=tokens, logprobs=np.zeros(tokens.shape, np.float32),
-                               mask=np.arange(max_new_tokens) < lengths[..., None], lengths=lengths,
-                               stopped=stopped, num_steps=np.int32(max_new_tokens))
-  result = sampler.host_results(rollouts, ["7"])
+  rewards, result = task.score(["7"], tokens, lengths)
   expected = [[1, 0, 0, 1]] if zero_truncated else [[1, 1, 1, 1]]
-  np.testing.assert_array_equal(result["rewards"], expected)
+  np.testing.assert_array_equal(rewards, expected)
+  del stopped
   np.testing.assert_array_equal(result["zeroed_at_cap"], np.asarray(expected) == 0)
 
 
@@ -287,7 +293,7 @@ import json, os, sys
 import jax
 sys.path.insert(0, {repo!r})
 from configs import gsm8k_smollm2
-from maxrl_jax.text import train
+from maxrl_jax import train
 config = gsm8k_smollm2.get_config("tiny")
 config.mesh.shape = (1, 2)  # parameters and optimizer state split over 2 devices, prompts too
 first = train.train_and_evaluate(config, {workdir!r})
@@ -335,21 +341,18 @@ def test_tiny_gsm8k_run_end_to_end_sharded(tmp_path):
   config = gsm8k_smollm2.get_config("tiny")
   config.rollout.num_samples = 8
   with pytest.raises(ValueError, match="different config"):
-    text_train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir)
 
 
-def test_registered_in_main_and_presets_validate():
-  # maxrl_jax.main defines absl flags at import (other test modules' scripts define the same names), so
-  # its registry is read from the source.
-  with open(os.path.join(REPO, "maxrl_jax", "main.py")) as f:
-    assert '"text": "maxrl_jax.text.train"' in f.read()
+def test_registered_as_a_task_and_presets_validate():
+  assert "text" in tasks_base.available()
   for module, presets in ((gsm8k_smollm2, ("paper", "smoke", "tiny")), (qwen3_math, ("paper", "4b", "tiny"))):
     for preset in presets:
       config = module.get_config(preset)
       assert config.task == "text"
       if not config.model.synthetic:
         config.model.path, config.data.train_path = "/models/x", "/data/x"
-      text_train.validate_config(config)
+      train.validate_config(config)
   paper = gsm8k_smollm2.get_config()
   assert (paper.rollout.num_prompts, paper.rollout.num_samples, paper.rl.learning_rate,
           paper.rollout.max_new_tokens, max(paper.eval.ks)) == (256, 128, 1e-5, 2048, 1024)
@@ -373,12 +376,12 @@ def test_paper_presets_follow_the_official_scripts():
   assert qwen.data.prompt_suffix == "\nPlease reason step by step, and put your final answer within \\boxed{{}}."
   assert qwen.eval.every_steps == 50
   # Periodic evaluations use 32 samples and the ks that fit; the first and last use all of them.
-  assert text_train.eval_sizes(paper, full=False) == {"num_samples": 32, "samples_per_call": 32,
+  assert text_task.eval_sizes(paper, full=False) == {"num_samples": 32, "samples_per_call": 32,
                                                       "ks": (1, 2, 4, 8, 16, 32)}
-  assert text_train.eval_sizes(paper, full=True) == {"num_samples": 1024, "samples_per_call": 128,
+  assert text_task.eval_sizes(paper, full=True) == {"num_samples": 1024, "samples_per_call": 128,
                                                      "ks": tuple(paper.eval.ks)}
   tiny = gsm8k_smollm2.get_config("tiny")
-  assert text_train.eval_sizes(tiny, full=False) == text_train.eval_sizes(tiny, full=True)
+  assert text_task.eval_sizes(tiny, full=False) == text_task.eval_sizes(tiny, full=True)
   assert not tiny.verifier.zero_truncated
 
 
@@ -404,4 +407,45 @@ def test_invalid_config_is_named(field, value, match):
     node = node[part]
   node[leaf] = value
   with pytest.raises(ValueError, match=match):
-    text_train.validate_config(config)
+    train.validate_config(config)
+
+
+# ------------------------------------------------------------------------------------------------ population
+
+LM_OBJECTIVES = ("ds: objective.name=grpo, objective.smoothing_gamma=0.05",
+                 "self: objective.name=grpo, objective.self_filter=True")
+
+
+def test_population_of_smoothing_and_self_on_the_language_model_resumes_exactly(tmp_path):
+  """configs/gsm8k_smollm2.py:tiny as 2 objectives (Differential Smoothing, SELF) x 2 seeds: sampling and the
+  update vmapped over the members, the host verifier between them; resumed after losing its last RL
+  checkpoint, it ends with the records of the uninterrupted population."""
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  from maxrl_jax import run_logging  # pylint: disable=import-outside-toplevel
+
+  config = gsm8k_smollm2.get_config("tiny")
+  config.logging.tensorboard = False
+  config.population.objectives = LM_OBJECTIVES
+  config.population.seeds = (0, 1)
+  workdir = tmp_path / "population"
+  summary = train.train_and_evaluate(config, str(workdir))
+  assert [m["name"] for m in summary["members"]] == ["ds/seed0", "ds/seed1", "self/seed0", "self/seed1"]
+  records = run_logging.MetricsWriter(str(workdir)).read()
+  rl = [r for r in records if r["phase"] == "rl"]
+  assert sorted({r["member"] for r in rl}) == [0, 1, 2, 3]
+  assert all(("greedy_solved_fraction" in r) for r in rl)
+  assert all(r["greedy_solved_fraction"] == 0 for r in rl if r["objective"] == "ds")  # SELF off for ds
+  assert all(r["logprob_mismatch"] < 1e-4 for r in rl)
+  # Seeds differ (their SFT data and RL prompts), a seed's two members share its SFT policy.
+  initial = {m["name"]: m["initial_eval"] for m in summary["members"]}
+  assert initial["ds/seed0"] == initial["self/seed0"] and initial["ds/seed1"] == initial["self/seed1"]
+
+  resumed = tmp_path / "resumed"
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "rl" / "4")
+  (resumed / "summary.json").unlink()
+  train.train_and_evaluate(config, str(resumed))
+  strip = lambda rs: [{k: v for k, v in r.items() if k not in ("step_time_s", "tokens_per_s", "sample_verify_s",
+                                                                  "verify_s")} for r in rs]
+  assert strip(run_logging.MetricsWriter(str(resumed)).read()) == strip(records)

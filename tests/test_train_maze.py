@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from maxrl_jax import config_fields
 from maxrl_jax import estimators
-from maxrl_jax import train_maze
-from maxrl_jax import train_steps
+from maxrl_jax import train
 from maxrl_jax.models import decoder
-from maxrl_jax.tasks import maze
+from maxrl_jax.rl import step as step_lib
+from maxrl_jax.tasks.maze import env as maze
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -28,12 +30,7 @@ TIMING_FIELDS = ("step_time_s", "tokens_per_s")
 
 def tiny_config(**overrides):
   config = maze_config.get_config("tiny")
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+  config_fields.set_fields(config, overrides)
   return config
 
 
@@ -46,9 +43,11 @@ def _read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_tiny_run_writes_outputs(tmp_path, capsys):
+def test_tiny_run_writes_outputs(finished_maze_run, tmp_path, capsys):
   workdir = str(tmp_path / "run")
-  summary = train_maze.train_and_evaluate(tiny_config(), workdir)
+  shutil.copytree(finished_maze_run, workdir)
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
   for name in ("config.json", "metrics.jsonl", "summary.json"):
     assert os.path.exists(os.path.join(workdir, name)), name
   records = _read_metrics(workdir)
@@ -62,16 +61,17 @@ def test_tiny_run_writes_outputs(tmp_path, capsys):
   assert max(r["logprob_mismatch"] for r in rl) < 1e-4
   with open(os.path.join(workdir, "summary.json")) as f:
     saved = json.load(f)
-  assert saved["objective"] == "maxrl"
+  assert saved["objective"] == "maxrl" and saved["task"] == "maze" and saved["final_step"] == 6
   assert set(saved["eval"]) >= {"pass@1", "pass@4", "pass@8", "pass@1_se", "best@8_bootstrap"}
   # Held-out mazes are never trained on; the run measures it by regenerating every training maze.
   assert saved["training_mazes"]["all"]["overlap_with_heldout"] == 0
   assert saved["training_mazes"]["sft"]["drawn"] == 6 * 8 and saved["training_mazes"]["rl"]["drawn"] == 6 * 4
   assert saved["heldout_mazes"]["num_mazes"] == 8
   assert summary["eval"] == saved["eval"]
+  # Running it again without its summary resumes at the end and reproduces the summary and the table.
+  os.remove(os.path.join(workdir, "summary.json"))
+  again = train.train_and_evaluate(tiny_config(), workdir)
   assert "after RL" in capsys.readouterr().out
-  # Running it again on the finished workdir resumes at the end and reproduces the summary.
-  again = train_maze.train_and_evaluate(tiny_config(), workdir)
   assert again["eval"] == summary["eval"]
   assert _deterministic(_read_metrics(workdir)) == _deterministic(records)
 
@@ -116,6 +116,24 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
   with open(os.path.join(straight, "summary.json")) as f, open(os.path.join(resumed, "summary.json")) as g:
     assert json.load(f)["eval"] == json.load(g)["eval"]
 
+  # SIGTERM (a preemption notice) mid-RL: the step it reached is saved, the run exits 143 with a message, and
+  # the same command resumes to the uninterrupted records.
+  stopped = str(tmp_path / "stopped")
+  proc = _launch(stopped, extra)
+  path = os.path.join(stopped, "checkpoints", "rl", "2")
+  deadline = time.time() + 240
+  while not os.path.exists(path) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 143
+  stderr = proc.stderr.read().decode()
+  assert "SIGTERM received" in stderr and "its state is saved" in stderr and "Traceback" not in stderr
+  saved = sorted(int(s) for s in os.listdir(os.path.join(stopped, "checkpoints", "rl")) if s.isdigit())
+  assert saved[-1] < 30 and not os.path.exists(os.path.join(stopped, "summary.json"))
+  proc = _launch(stopped, extra)
+  assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
+  assert _deterministic(_read_metrics(stopped)) == _deterministic(want)
+
 
 def test_resuming_with_another_config_is_refused(tmp_path):
   workdir = str(tmp_path / "run")
@@ -123,7 +141,7 @@ def test_resuming_with_another_config_is_refused(tmp_path):
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(tiny_config().to_dict(), f)
   with pytest.raises(ValueError, match=r"different config \(objective.name: 'maxrl' -> 'grpo'"):
-    train_maze.train_and_evaluate(tiny_config(**{"objective.name": "grpo"}), workdir)
+    train.train_and_evaluate(tiny_config(**{"objective.name": "grpo"}), workdir)
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -144,12 +162,12 @@ def test_resuming_with_another_config_is_refused(tmp_path):
 ])
 def test_invalid_config_is_named(overrides, match):
   with pytest.raises(ValueError, match=match):
-    train_maze.validate_config(tiny_config(**overrides))
+    train.validate_config(tiny_config(**overrides))
 
 
 def test_paper_and_default_presets_validate():
   for preset in ("default", "paper"):
-    train_maze.validate_config(maze_config.get_config(preset))
+    train.validate_config(maze_config.get_config(preset))
   with pytest.raises(ValueError, match="Unknown maze preset"):
     maze_config.get_config("huge")
 
@@ -157,12 +175,12 @@ def test_paper_and_default_presets_validate():
 def test_rl_step_traces_once_and_learns_from_rewards():
   config = tiny_config()
   fns = decoder.DecoderFns(decoder.DecoderConfig.from_config(config.model))
-  tx = train_steps.adamw(1e-3, 0.9, 0.95, 0.0, 1.0)
-  rl_step = train_steps.make_rl_step(
-      fns, tx, prompt_fn=maze.encode_prompts, verifier=maze.verify_groups,
-      advantage_fn=estimators.get_advantage_fn("maxrl"), num_samples=4, max_new_tokens=12,
-      stop_tokens=train_maze.STOP_TOKENS)
-  state = train_steps.init_state(fns.init(jax.random.key(0)), tx)
+  hyper = step_lib.Hyper(learning_rate=1e-3, b1=0.9, b2=0.95, weight_decay=0.0)
+  spec = step_lib.RLSpec(num_samples=4, max_new_tokens=12, stop_tokens=(maze.DONE, maze.EOS))
+  maxrl = estimators.get_advantage_fn("maxrl")
+  rl_step = step_lib.make_rl_step(spec, fns, hyper, prompt_fn=maze.encode_prompts, verifier=maze.verify_groups,
+                                  advantage_fn=lambda rewards, h: maxrl(rewards))
+  state = step_lib.init_state(fns.init(jax.random.key(0)), step_lib.rl_optimizer(hyper, spec))
   for step in range(3):
     grids = maze.generate_mazes(jax.random.key(100 + step), 4, 5)
     state, metrics = rl_step(state, grids, jax.random.key(step), jnp.float32(1.0))

@@ -29,7 +29,8 @@ from maxrl_jax import estimators
 from maxrl_jax.classification import data as data_lib
 from maxrl_jax.classification import models
 from maxrl_jax.classification import objectives
-from maxrl_jax.classification import train as train_lib
+from maxrl_jax import checkpoints
+from maxrl_jax.classification import steps as steps_lib
 
 DEFAULT_OBJECTIVES = ("cross_entropy", "maxrl", "grpo", "reinforce")
 
@@ -42,15 +43,16 @@ def load_run(workdir: str, data_dir: str | None = None):
     config.data.data_dir = data_dir
   data = data_lib.load_data(config.data, default_data_dir=os.path.join(workdir, "tfds"))
   model = models.create_model(config.model, data.num_classes)
-  tx, _ = train_lib.make_optimizer(config.optim, num_steps=2, steps_per_epoch=1)  # Only its structure.
-  checkpointer = train_lib.open_checkpointer(workdir, config)
+  tx, _ = steps_lib.make_optimizer(config.optim, num_steps=2, steps_per_epoch=1)  # Only its structure.
+  checkpointer = checkpoints.PhaseCheckpointer(workdir, steps_lib.CHECKPOINT_PHASE, config.keep_checkpoints)
   latest = checkpointer.latest_step()
   if latest is None:
-    raise FileNotFoundError(f"No checkpoint under {workdir}/checkpoints/{train_lib.CHECKPOINT_PHASE}; run "
+    raise FileNotFoundError(f"No checkpoint under {workdir}/checkpoints/{steps_lib.CHECKPOINT_PHASE}; run "
                             "train_and_evaluate with this workdir first.")
-  template = jax.eval_shape(lambda: train_lib.create_train_state(model, tx, data.image_shape,
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # An analysis runs on one device.
+  template = jax.eval_shape(lambda: steps_lib.create_train_state(model, tx, data.image_shape,
                                                                  jax.random.key(0)))
-  template = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), template)
+  template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), template)
   state = checkpointer.restore(latest, template)
   checkpointer.close()
   return config, data, model, state.params, state.batch_stats
@@ -72,7 +74,7 @@ def per_input_gradient_norms(model, params, batch_stats, images_uint8: np.ndarra
 
   def example_loss(p, example):
     x = data_lib.device_preprocess(example["image"][None], None, train=False, **preprocess_kwargs)
-    logits_1xC, _ = train_lib.forward(model, p, batch_stats, x, train=False)
+    logits_1xC, _ = steps_lib.forward(model, p, batch_stats, x, train=False)
     label_1 = example["label"][None]
     if not objective.sampled:
       return objectives.cross_entropy_loss(logits_1xC, label_1)[0]
@@ -87,7 +89,7 @@ def per_input_gradient_norms(model, params, batch_stats, images_uint8: np.ndarra
     batch = {"image": images, "label": labels}
     if objective.sampled:
       x = data_lib.device_preprocess(images, None, train=False, **preprocess_kwargs)
-      logits, _ = train_lib.forward(model, p, batch_stats, x, train=False)
+      logits, _ = steps_lib.forward(model, p, batch_stats, x, train=False)
       batch["counts"] = objectives.sample_class_counts(chunk_key, logits, objective.num_samples,
                                                        objective.sampler)
     return estimators.per_prompt_gradient_norms(example_loss, p, batch)
@@ -119,7 +121,7 @@ def analyze(workdir: str, out_dir: str | None = None, objective_names: Sequence[
   indices = np.sort(np.random.default_rng([seed, 11]).permutation(len(split_data))[:n])
   batch = split_data.get_batch(indices, train=False)
   preprocess_kwargs = {"mean": data.mean, "std": data.std, "augment": config.data.augment}
-  probs = train_lib.softmax_probabilities(model, params, batch_stats, batch["image"], preprocess_kwargs)
+  probs = steps_lib.softmax_probabilities(model, params, batch_stats, batch["image"], preprocess_kwargs)
   pass_rate = probs[np.arange(n), batch["label"]]
   result = {"pass_rate": pass_rate.tolist(), "num_samples": num_samples, "split": split,
             "checkpoint": os.path.abspath(workdir), "objective_of_checkpoint": config.objective.name}

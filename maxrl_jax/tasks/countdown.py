@@ -1,4 +1,7 @@
-"""The Countdown task: random solvable instances with a solution, tokenisation and an exact verifier.
+"""The Countdown task: random solvable instances with a solution, tokenisation, an exact verifier, and the Task.
+
+The whole task is this one file (configs/countdown.py runs it): the environment's pure, jittable functions,
+then `CountdownTask`, what the RL trainer (maxrl_jax/trainers/rl.py) needs of it (docs/architecture.md).
 
 Countdown: given K = 3 or 4 numbers and a target, write an arithmetic expression with +, -, *, / and
 parentheses that uses each given number exactly once and evaluates to the target. Like the maze task this is an
@@ -88,6 +91,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from maxrl_jax import metrics as metrics_lib
+from maxrl_jax.tasks import base
 
 # ----------------------------------------------------------------------------------------------------------
 # Tokens.
@@ -935,3 +941,172 @@ def parse_text(text: str) -> np.ndarray:
         else:
             raise ValueError(f"parse_text: character {char!r} at position {i} is not in the vocabulary.")
     return np.asarray(tokens, np.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Task a trainer runs (maxrl_jax/tasks/base.py): configs/countdown.py.
+
+
+# A held-out set taking more than this share of the problem distribution is refused (training draws would
+# need many redraws).
+MAX_HELDOUT_SHARE = 0.5
+
+
+def spec_from_config(config) -> CountdownSpec:
+    """The CountdownSpec of config.countdown; a ValueError naming `config.countdown.<field>` otherwise."""
+    block = config.countdown
+    try:
+        return CountdownSpec(num_numbers=block.num_numbers, max_number=block.max_number,
+                             max_target=block.max_target)
+    except ValueError as e:
+        raise ValueError(str(e).replace("CountdownSpec.", "config.countdown.")) from e
+
+
+class CountdownTask(base.TokenTask):
+    """Countdown on the RL trainer: SFT on canonical solutions, RL with the exact on-device verifier.
+
+    Data streams (keys from the trainer): SFT batch of step s = `sft_batch(fold_in(sft_key, s), ...)`, RL batch
+    of step s = `draw_training_problems(fold_in(rl_key, s), P, ...)`, both excluding the held-out problems
+    (`heldout_problems(spec, eval.num_problems, countdown.heldout_seed)`, shared by every run of the spec), and
+    summary.json reports the overlap of every problem the run trained on with the held-out set (0).
+    """
+
+    stop_tokens = (EOS,)
+    pad_id = PAD
+    seed_fields = ("training_problems",)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.spec = None
+
+    def validate(self) -> None:
+        config = self.config
+        spec = self.spec = spec_from_config(config)
+
+        def fail(field, message):
+            raise ValueError(f"config.{field}: {message}")
+
+        for field in ("eval.num_problems", "eval.prompt_chunk"):
+            group, name = field.split(".")
+            value = config[group][name]
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                fail(field, f"{value!r} must be an integer >= 1.")
+        if config.eval.num_problems % config.eval.prompt_chunk:
+            fail("eval.prompt_chunk",
+                 f"{config.eval.prompt_chunk} must divide eval.num_problems={config.eval.num_problems}.")
+        need = max_response_length(spec)
+        if config.rollout.max_new_tokens < need:
+            fail("rollout.max_new_tokens", f"{config.rollout.max_new_tokens} is shorter than the longest canonical "
+                 f"solution and its EOS ({need} tokens); use >= {need}.")
+        longest = prompt_length(spec) + max(config.rollout.max_new_tokens, need)
+        if config.model.max_positions < longest:
+            fail("model.max_positions", f"{config.model.max_positions} < prompt ({prompt_length(spec)}) + response "
+                 f"({longest - prompt_length(spec)}) tokens; use >= {longest}.")
+        if config.model.vocab_size < VOCAB_SIZE:
+            fail("model.vocab_size", f"{config.model.vocab_size} < the Countdown vocabulary ({VOCAB_SIZE}).")
+        from maxrl_jax.models import decoder  # pylint: disable=import-outside-toplevel
+        try:
+            decoder.DecoderConfig.from_config(config.model)
+        except (ValueError, TypeError) as e:
+            fail("model", str(e))
+
+    def prompt_length(self) -> int:
+        return prompt_length(spec_from_config(self.config))
+
+    def batch_sizes(self) -> dict[str, int]:
+        return {"eval.prompt_chunk": self.config.eval.prompt_chunk}
+
+    def model_config(self):
+        from maxrl_jax.models import decoder  # pylint: disable=import-outside-toplevel
+        return decoder.DecoderConfig.from_config(self.config.model)
+
+    def prepare(self, workdir: str) -> None:
+        del workdir  # Everything is generated from the spec: nothing is written.
+        config = self.config
+        self.spec = spec_from_config(config)
+        self.heldout_set = heldout_problems(self.spec, config.eval.num_problems, config.countdown.heldout_seed)
+        self.heldout_table = jnp.asarray(hash_table(self.heldout_set))
+        share = heldout_mass(self.heldout_set, self.spec)
+        if share > MAX_HELDOUT_SHARE:
+            raise ValueError(
+                f"config.eval.num_problems / config.countdown: the {config.eval.num_problems} held-out problems make "
+                f"up {share:.0%} of the problems {self.spec} draws, so training problems cannot be drawn without "
+                "them. Use fewer eval.num_problems or a larger countdown.max_number / max_target.")
+        self.heldout = {"num_problems": int(config.eval.num_problems), "share_of_distribution": share,
+                        "seed": int(config.countdown.heldout_seed)}
+
+    def sft_batch(self, key, step):
+        batch = sft_batch(jax.random.fold_in(key, step), self.config.sft.batch_size, self.spec, self.heldout_table)
+        return {"inputs": batch["inputs"], "loss_mask": batch["loss_mask"]}
+
+    def rl_batch(self, key, step):
+        return draw_training_problems(jax.random.fold_in(key, step), self.config.rollout.num_prompts, self.spec,
+                                      self.heldout_table)[0]
+
+    def prompts(self, batch):
+        return encode_prompts(batch, self.spec)
+
+    def verify(self, batch, responses):
+        return verify_groups(batch, responses)
+
+    def heldout_batches(self):
+        chunk = self.config.eval.prompt_chunk
+        problems = Problems(numbers=jnp.asarray(self.heldout_set.numbers), target=jnp.asarray(self.heldout_set.target))
+        return [(i, jax.tree.map(lambda x: x[i:i + chunk], problems))
+                for i in range(0, self.config.eval.num_problems, chunk)]
+
+    def heldout_metrics(self, counts, num_samples):
+        return metrics_lib.heldout_summary(counts, num_samples, tuple(self.config.eval.ks))
+
+    def training_problems(self, sft: tuple, rl: tuple) -> dict:
+        """{"drawn", "distinct", "overlap_with_heldout"} of every problem one seed trained on, regenerated."""
+        sft_key, sft_steps, sft_size = sft
+        rl_key, rl_steps = rl
+        draws = [(sft_key, sft_steps, sft_size), (rl_key, rl_steps, self.config.rollout.num_prompts)]
+        hashes = []
+        for key, steps, size in draws:
+            if not steps:
+                continue
+            keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(1, steps + 1))
+            draw = jax.jit(jax.vmap(lambda k: problem_hashes(
+                draw_training_problems(k, size, self.spec, self.heldout_table)[0])))
+            hashes.extend(np.asarray(draw(keys[i:i + 256])).ravel() for i in range(0, steps, 256))
+        drawn = np.concatenate(hashes) if hashes else np.zeros((0,), np.uint32)
+        heldout = set(np.asarray(hash_table(self.heldout_set)).tolist())
+        distinct = set(drawn.tolist())
+        report = {"drawn": int(drawn.size), "distinct": len(distinct), "overlap_with_heldout": len(distinct & heldout)}
+        if report["overlap_with_heldout"]:
+            raise RuntimeError(f"{report['overlap_with_heldout']} held-out problems were drawn for training "
+                               f"({report}); the held-out results are not valid.")
+        return report
+
+    def summary_fields(self, runs, per_seed: bool = False) -> dict:
+        reports = {f"seed{r['seed']}": self.training_problems(r["sft"], r["rl"]) for r in runs}
+        return {"heldout_problems": self.heldout, "eval_num_problems": self.config.eval.num_problems,
+                "eval_num_samples": self.config.eval.num_samples,
+                "training_problems": reports if per_seed else reports[f"seed{runs[0]['seed']}"]}
+
+    def table_title(self) -> str:
+        config, spec = self.config, spec_from_config(self.config)
+        return (f"Held-out Countdown problems ({config.eval.num_problems} problems of {spec.num_numbers} numbers in "
+                f"1..{spec.max_number}, targets 1..{spec.max_target}, never trained on; {config.eval.num_samples} "
+                f"samples each, temperature {config.eval.temperature}; ± standard error over problems)")
+
+    def table_note(self, summary: dict) -> str:
+        training = summary["training_problems"]
+        return (f" Trained on {training['distinct']} distinct problems, {training['overlap_with_heldout']} of them "
+                "held out.")
+
+    def expected_work(self) -> dict[str, str]:
+        spec = spec_from_config(self.config)
+        return {"problems": f"{spec.num_numbers} numbers in 1..{spec.max_number}, targets 1..{spec.max_target}; "
+                            f"prompt {prompt_length(spec)} tokens, responses up to {self.config.rollout.max_new_tokens}",
+                "held-out set": f"{self.config.eval.num_problems} problems, never trained on"}
+
+    def sft_sequence_length(self) -> int:
+        spec = spec_from_config(self.config)
+        return prompt_length(spec) + max_response_length(spec)
+
+
+def make_task(config) -> CountdownTask:
+    return CountdownTask(config)

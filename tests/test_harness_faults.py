@@ -1,6 +1,10 @@
-"""Fault injection on the maze trainer (tiny preset): no fault may lose records or report a wrong result.
+"""Fault injection on the run lifecycle (maxrl_jax/trainers/harness.py): no fault may lose records or report a
+wrong result. Every trainer runs through the same harness and step loop, so the faults are injected once, on the
+fastest run (the maze's tiny preset); tests/test_train_maze.py, test_text_pipeline.py, test_classification.py
+and test_countdown_task.py resume each trainer's own run.
 
-One finished tiny run is made once; each test copies its workdir, injects one fault and re-runs.
+One finished tiny run is made once per session (conftest.py); each test copies its workdir, injects one fault
+and re-runs.
 """
 
 import json
@@ -14,9 +18,9 @@ import time
 import pytest
 
 from maxrl_jax import checkpoints
-from maxrl_jax import train_maze
-from maxrl_jax import training_loop
+from maxrl_jax import train
 from maxrl_jax import workdir as workdir_lib
+from maxrl_jax.trainers import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -40,11 +44,9 @@ def _deterministic(records):
 _summary = run_files.summary
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("finished") / "run")
-  train_maze.train_and_evaluate(tiny_config(), workdir)
-  return workdir
+@pytest.fixture
+def finished(finished_maze_run):
+  return finished_maze_run
 
 
 @pytest.fixture
@@ -60,11 +62,11 @@ def copy(finished, tmp_path):
 def test_deleted_metrics_are_rebuilt_from_the_checkpoint(finished, copy, capsys):
   workdir = copy()
   os.remove(os.path.join(workdir, "metrics.jsonl"))
-  summary = train_maze.train_and_evaluate(tiny_config(), workdir)
+  summary = train.train_and_evaluate(tiny_config(), workdir)
   assert "rebuilt from the checkpoint" in capsys.readouterr().out
   assert summary["rl_steps"] == 6
   original = _summary(finished)
-  assert summary["sft_eval"] == original["sft_eval"] and summary["eval"] == original["eval"]
+  assert summary["initial_eval"] == original["initial_eval"] and summary["eval"] == original["eval"]
   assert _deterministic(_metrics(workdir)) == _deterministic(_metrics(finished))
 
 
@@ -77,14 +79,14 @@ def test_a_malformed_line_is_an_error_naming_file_and_line(copy):
   with open(path, "w") as f:
     f.writelines(lines)
   with pytest.raises(ValueError, match=r"metrics.jsonl, line 4, is not a metrics record"):
-    train_maze.train_and_evaluate(tiny_config(), workdir)
+    train.train_and_evaluate(tiny_config(), workdir)
 
 
 def test_a_record_cut_by_a_kill_mid_write_is_not_an_error(finished, copy):
   workdir = copy()
   with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
     f.write('{"phase": "rl", "st')  # No newline: the last write of a killed process.
-  summary = train_maze.train_and_evaluate(tiny_config(), workdir)
+  summary = train.train_and_evaluate(tiny_config(), workdir)
   assert summary["eval"] == _summary(finished)["eval"]
 
 
@@ -98,7 +100,7 @@ def test_a_corrupted_checkpoint_falls_back_to_the_previous_good_one(finished, co
   workdir = copy()
   _flip_bytes(_largest_file(os.path.join(workdir, "checkpoints", "rl", "6")))
   with pytest.warns(UserWarning, match=r"checkpoint .*rl/6 is corrupt"):
-    summary = train_maze.train_and_evaluate(tiny_config(), workdir)
+    summary = train.train_and_evaluate(tiny_config(), workdir)
   # Resumed from step 4 and redid steps 5-6: the same result as the uninterrupted run.
   assert summary["eval"] == _summary(finished)["eval"]
   assert _deterministic(_metrics(workdir)) == _deterministic(_metrics(finished))
@@ -111,21 +113,21 @@ def test_no_good_checkpoint_is_a_clear_error(copy):
     _flip_bytes(_largest_file(os.path.join(workdir, "checkpoints", "rl", step)))
   with pytest.warns(UserWarning):
     with pytest.raises(checkpoints.CheckpointError, match=r"(?s)No good .rl. checkpoint.*step 6.*step 4"):
-      train_maze.train_and_evaluate(tiny_config(), workdir)
+      train.train_and_evaluate(tiny_config(), workdir)
 
 
 def test_another_config_cannot_adopt_the_checkpoints_even_without_config_json(copy):
   workdir = copy()
   os.remove(os.path.join(workdir, "config.json"))
   with pytest.raises(checkpoints.CheckpointError, match=r"another config \(objective.name: 'maxrl' -> 'grpo'"):
-    train_maze.train_and_evaluate(tiny_config(**{"objective.name": "grpo"}), workdir)
+    train.train_and_evaluate(tiny_config(**{"objective.name": "grpo"}), workdir)
 
 
 @pytest.mark.parametrize("field", ["sft.learning_rate", "rl.learning_rate"])
 def test_a_diverged_run_stops_naming_the_step_and_the_quantity(tmp_path, field):
   workdir = str(tmp_path / "run")
-  with pytest.raises(training_loop.NonFiniteError, match=r"diverged: .* is (nan|inf|not finite) at step \d+"):
-    train_maze.train_and_evaluate(tiny_config(**{field: float("inf")}), workdir)
+  with pytest.raises(loop.NonFiniteError, match=r"diverged: .* is (nan|inf|not finite) at step \d+"):
+    train.train_and_evaluate(tiny_config(**{field: float("inf")}), workdir)
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
   # Every checkpoint kept holds finite parameters.
   for phase in ("sft", "rl"):
@@ -141,7 +143,7 @@ def test_rerunning_a_finished_run_changes_nothing(finished, capsys):
   before = files()
   with open(os.path.join(finished, "summary.json")) as f:
     text = f.read()
-  summary = train_maze.train_and_evaluate(tiny_config(), finished)
+  summary = train.train_and_evaluate(tiny_config(), finished)
   assert "already holds this run, finished" in capsys.readouterr().out
   with open(os.path.join(finished, "summary.json")) as f:
     assert f.read() == text

@@ -1,6 +1,6 @@
-"""Population training: a whole table of maze runs (objectives x hyperparameters x seeds) as one program.
+"""Population training: a whole table of runs (objectives x hyperparameters x seeds) as one program.
 
-A maze config's `population` block names the members:
+A config's `population` block (any token task: maze, text, countdown) names the members:
 
     population.objectives = ("maxrl", "grpo", "grpo_entropy: objective.name=grpo, objective.entropy_coef=0.01")
     population.sweep = ("lr1e-4: rl.learning_rate=1e-4", "lr3e-4: rl.learning_rate=3e-4")   # optional
@@ -9,21 +9,22 @@ A maze config's `population` block names the members:
 and a run trains their cross product (here 3 x 2 x 3 = 18 members). Each member reproduces the single run
 of its config: `member.config` is the run's config with the member's overrides and seed, and training it
 alone (`python -m maxrl_jax.main --config=configs/maze.py --config.objective.name=grpo --config.seed=1`)
-gives the same SFT policy, the same RL mazes and sampling keys and, up to float round-off, the same
+gives the same SFT policy, the same RL batches and sampling keys and, up to float round-off, the same
 rollouts, losses and held-out results.
 
 How one program trains them all:
 
 - Parameters, optimizer states, PRNG keys and the per-member hyperparameters are stacked on a leading
-  member axis [K, ...]; the RL step (`train_steps.rl_step`) is vmapped over it and jitted once.
+  member axis [K, ...]; the RL step (maxrl_jax/rl/step.py) is vmapped over it and jitted once (for a
+  task verified on the host: sampling and the update are, with the verifier between them).
 - The objective is chosen inside the program: the distinct (estimator, options) pairs of the population are
   the branches of a `lax.switch` on the member's branch index (under vmap every branch's advantages are
   computed and the member's selected: they are [P, N] elementwise rules, negligible next to sampling).
 - Hyperparameters shared by every member stay Python constants (the single run's exact arithmetic); those
   that differ (learning rate, Adam betas, weight decay, entropy bonus, smoothing strength, SELF) are
   per-member arrays. SELF's greedy decode runs only when some member uses it.
-- SFT runs once per distinct seed (a population of seeds, vmapped the same way); a member starts RL from
-  its seed's SFT policy.
+- SFT runs once per distinct seed, with the single run's own jitted step; a member starts RL from its
+  seed's SFT policy.
 
 Devices: the member axis is a mesh axis ("member") in front of the usual (data, fsdp) axes. With K members
 on D devices the default puts gcd(K, D) member groups side by side, each member whole on its devices when
@@ -32,7 +33,7 @@ devices otherwise (e.g. 2 members on 8 devices: member=2 x data=4). `population.
 member axis instead.
 
 Only fields that keep every array shape equal may differ between members (`MEMBER_FIELDS`); the model,
-P, N, response cap, maze size and evaluation are shared. A table whose members differ in N (the
+P, N, response cap, task and evaluation are shared. A table whose members differ in N (the
 rollout-scaling study) is one population per N.
 """
 
@@ -46,13 +47,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from maxrl_jax import config_fields
 from maxrl_jax import estimators
 from maxrl_jax import sharding
+from maxrl_jax.rl import step as step_lib
 
 MEMBER_AXIS = "member"
 
@@ -64,8 +66,7 @@ MEMBER_FIELDS = (
     "rl.learning_rate", "rl.b1", "rl.b2", "rl.weight_decay",
 )
 # Of those, the ones that become per-member arrays in the RL step when members differ in them.
-TRACED_FIELDS = ("rl.learning_rate", "rl.b1", "rl.b2", "rl.weight_decay", "objective.entropy_coef",
-                 "objective.smoothing_gamma", "objective.self_filter")
+TRACED_FIELDS = tuple(step_lib.HYPER_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,15 +149,6 @@ def parse_entry(entry: str, where: str) -> tuple[str, dict]:
   return label, overrides
 
 
-def _apply(config: ml_collections.ConfigDict, overrides: dict, where: str) -> None:
-  for field, value in overrides.items():
-    group, name = field.split(".")
-    try:
-      config[group][name] = value
-    except (TypeError, ValueError, KeyError) as e:
-      raise ValueError(f"{where}: cannot set config.{field}={value!r}: {e}") from e
-
-
 def members(config: ml_collections.ConfigDict) -> list[Member]:
   """The members of a population config (objectives x sweep x seeds, in that nesting order).
 
@@ -199,7 +191,7 @@ def members(config: ml_collections.ConfigDict) -> list[Member]:
     member_config = ml_collections.ConfigDict(base.to_dict())
     overrides = {**o_over, **s_over}
     where = f"population member {objective}{'/' + sweep_label if sweep_label else ''}/seed{seed}"
-    _apply(member_config, overrides, where)
+    config_fields.set_fields(member_config, overrides, where)
     member_config.seed = seed
     out.append(Member(len(out), objective, sweep_label, seed, overrides, member_config))
   return out
@@ -230,24 +222,32 @@ def advantage_branches(population: Sequence[Member]) -> tuple[list[tuple[str, di
 
 
 def member_hyperparameters(population: Sequence[Member]) -> tuple[dict, dict]:
-  """(shared, varying): {field: Python value} equal for every member, {field: [K] array} of the others."""
+  """(shared, varying) Hyper fields: {name: Python value} equal for every member, {name: [K] array} of the
+  others (step.HYPER_FIELDS names them)."""
   shared, varying = {}, {}
   for field in TRACED_FIELDS:
+    name = step_lib.HYPER_FIELDS[field]
     values = [_value(m.config, field) for m in population]
     if all(v == values[0] for v in values):
-      shared[field] = values[0]
+      shared[name] = values[0]
     else:
       dtype = np.bool_ if isinstance(values[0], bool) else np.float32
-      varying[field] = np.asarray(values, dtype)
+      varying[name] = np.asarray(values, dtype)
   return shared, varying
 
 
-def make_advantage_fn(branches: Sequence[tuple[str, dict]]):
-  """(rewards [P, N], branch index) -> advantages [P, N] by the member's estimator (lax.switch)."""
+def member_hyper(shared: dict, varying: dict) -> step_lib.Hyper:
+  """A member's Hyper inside the vmapped step: shared Python values and its elements of the varying arrays
+  (including "objective", its advantage branch)."""
+  return step_lib.Hyper(**shared, **varying)
+
+
+def make_advantage_fn(branches: Sequence[tuple[str, dict]]) -> step_lib.AdvantageFn:
+  """(rewards [P, N], hyper) -> advantages [P, N] by the member's estimator (lax.switch on hyper.objective)."""
   fns = [estimators.get_advantage_fn(name, **kwargs) for name, kwargs in branches]
   if len(fns) == 1:
-    return lambda rewards, index: fns[0](rewards)
-  return lambda rewards, index: jax.lax.switch(index, fns, rewards)
+    return lambda rewards, hyper: fns[0](rewards)
+  return lambda rewards, hyper: jax.lax.switch(hyper.objective, fns, rewards)
 
 
 # ------------------------------------------------------------------------------------------------ devices

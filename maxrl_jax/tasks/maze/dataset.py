@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from maxrl_jax.tasks import maze
+from maxrl_jax.tasks.maze import env as maze
 
 DATASET_NAME = "maxrl_maze"
 DATASET_SEED = 20260202
