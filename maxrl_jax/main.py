@@ -96,12 +96,13 @@ def main(argv):
     return
   if workdir is None:
     raise app.UsageError("--workdir is required (a directory for the run's files), unless --dry_run.")
-  from maxrl_jax import training_loop, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from maxrl_jax import checkpoints, training_loop, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
     importlib.import_module(TRAINERS[task]).train_and_evaluate(config, workdir)
-  except (ValueError, workdir_lib.WorkdirBusyError, training_loop.NonFiniteError) as e:
-    # Bad input (config, workdir, files), a busy workdir or a diverged run: the message says what and how to
-    # fix it; a traceback would only bury it. MAXRL_TRACEBACK=1 shows the traceback as well.
+  except (ValueError, workdir_lib.WorkdirBusyError, training_loop.NonFiniteError,
+          checkpoints.CheckpointSaveError) as e:
+    # Bad input (config, workdir, files), a busy workdir, a diverged run or a full disk at a checkpoint: the
+    # message says what and how to fix it; a traceback would only bury it. MAXRL_TRACEBACK=1 shows it as well.
     if os.environ.get("MAXRL_TRACEBACK"):
       raise
     print(f"error: {e}", file=sys.stderr, flush=True)
