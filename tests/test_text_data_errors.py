@@ -85,6 +85,7 @@ def test_every_bad_record_is_counted_and_the_first_named(tmp_path):
     ("question", ["a"], "the question field 'question' is a JSON array"),
     ("answer", True, "the answer field 'answer' is a boolean (True)"),
     ("answer", {"value": 3}, "the answer field 'answer' is a dict"),
+    ("answer", float("nan"), "the answer field 'answer' is a non-finite number (nan)"),
     ("answer", "", "the answer field 'answer' is empty"),
     ("answer", "#### ", "the answer field 'answer' gives an empty final answer"),
 ])

@@ -253,7 +253,8 @@ def _split_files(directory: str, split: str) -> list[str]:
     raise DataFileNotFoundError(
         f"No {split!r} split in {directory}: looked for {', '.join(patterns)}.{held} Nothing is downloaded; "
         "put GSM8K / MATH-style files there (e.g. the parquet files of the Hugging Face dataset repository), "
-        "or set the split name.", directory)
+        "or choose the split (config.data.train_split / eval_split) or the file (config.data.eval_path).",
+        directory)
 
 
 def _tfds_failure(e: Exception) -> str:
@@ -359,6 +360,8 @@ def _kind(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a non-finite number"
     if isinstance(value, (int, float)):
         return "a number"
     return f"a {type(value).__name__}"
