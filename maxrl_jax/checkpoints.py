@@ -435,20 +435,28 @@ class PhaseCheckpointer:
         reports.settle(threads)
         self._discard(step)
         raise self._space_error(step, code, estimate) from e
-    self._delete_old_steps()
     if jax.process_count() > 1:  # Every process sees the digest before any of them may restore the step.
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices(f"checkpoint_digest_{self.phase}_{step}")
+    self._delete_old_steps()
 
   def _delete_old_steps(self) -> None:
-    """Deletes the oldest steps beyond max_to_keep (after the new step's digest is on disk) and their digests."""
-    steps = self.all_steps()
-    old = steps[:-self._max_to_keep]
+    """Deletes the oldest steps beyond max_to_keep (after the new step's digest is on disk) and their digests.
+
+    If even the shorter digest file cannot be written for lack of space, it keeps their entries (a warning):
+    entries of steps that are gone are ignored, and dropped at the next save.
+    """
+    old = self.all_steps()[:-self._max_to_keep]
     if not old:
       return
     if self.is_chief:
-      digests = self._digests()
-      self._write_digests({s: d for s, d in digests.items() if int(s) not in old})
+      try:
+        self._write_digests({s: d for s, d in self._digests().items() if int(s) not in old})
+      except OSError as e:
+        if out_of_space_errno(e) is None:
+          raise
+        warnings.warn(f"{os.path.join(self.directory, DIGESTS_FILE)} still lists the deleted steps {old} "
+                      f"({e.strerror or e}); the entries are dropped at the next checkpoint.", stacklevel=3)
     for step in old:
       self._manager.delete(step)
 

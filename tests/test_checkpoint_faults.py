@@ -318,3 +318,27 @@ def test_old_checkpoints_go_only_after_the_new_one_and_its_digest(tmp_path):
   ckpt.close()
   with pytest.raises(ValueError, match="max_to_keep=0"):
     checkpoints.PhaseCheckpointer(str(tmp_path), "rl", max_to_keep=0)
+
+
+def test_a_full_disk_while_pruning_old_digests_keeps_the_new_checkpoint(tmp_path, monkeypatch):
+  ckpt = checkpoints.PhaseCheckpointer(str(tmp_path), "rl", max_to_keep=1)
+  ckpt.save(1, _state())
+  writes = []
+  real_write = checkpoints.PhaseCheckpointer._write_digests
+
+  def second_write_fails(self, digests):
+    writes.append(dict(digests))
+    if len(writes) == 2:  # the save's own digest succeeds, the pruned one does not
+      raise OSError(errno.ENOSPC, "No space left on device")
+    real_write(self, digests)
+
+  monkeypatch.setattr(checkpoints.PhaseCheckpointer, "_write_digests", second_write_fails)
+  with pytest.warns(UserWarning, match=r"still lists the deleted steps \[1\]"):
+    ckpt.save(2, _state(1.0))
+  monkeypatch.undo()
+  assert ckpt.all_steps() == [2]
+  ckpt.verify(2)
+  ckpt.save(3, _state(2.0))  # the stale entry is dropped with the next digest
+  with open(os.path.join(ckpt.directory, checkpoints.DIGESTS_FILE)) as f:
+    assert sorted(json.load(f)) == ["3"]
+  ckpt.close()
