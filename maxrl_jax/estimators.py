@@ -20,6 +20,7 @@ the truncated Maclaurin series J_T = -sum_{k=1..T} (1-p)^k / k (Tajwar et al., 2
 | grpo        | (r_i - mu) / (std + eps)                                  | no J_T (~1/sqrt(p(1-p)))  |
 | maxrl       | (r_i - mu) / mu, 0 when K = 0                             | grad J_{N-1}              |
 | maxrl, zero_failed_groups=False | r_i N / K - 1, -1 when K = 0          | grad J_N                  |
+| maxrl, reward_type="nonnegative" | (r_i - mu)/mu for real r_i >= 0, 0 when mu = 0 | grad log E[r], as N -> inf |
 | maclaurin T | 1 for successes, -sum_{k=2..min(T,F)} C(F-1,k-1)/C(N-1,k-1) for failures | grad J_T |
 | pkpo k      | k r_i C(F, k-1) / C(N-1, k-1) (+ leave-one-out baseline)  | grad pass@k               |
 
@@ -39,12 +40,24 @@ form (`grouped_advantages`) takes flat rewards `[R]` with integer `group_ids [R]
 rollouts and gives the same numbers.
 
 Validation. Static properties (the group size N, the order T, k) are checked when the function is traced, so
-they raise a ValueError under `jax.jit` too. Reward *values* are checked when the rewards are concrete arrays
-(eager calls): every rule raises a ValueError on NaN or inf rewards, and the MaxRL, Maclaurin and PKPO
-families also on rewards other than 0 and 1. Under `jax.jit` the rewards are tracers and these value checks
-are skipped (checking them would need a host sync): non-finite rewards then give NaN advantages and
-non-binary ones meaningless advantages (mu can be ~0 or negative). To keep the checks inside jit, call
-`check_rewards(name, rewards)` in the jitted function and wrap it with `jax.experimental.checkify.checkify`.
+they raise a ValueError under `jax.jit` too. Reward *values* are checked in eager calls: every rule raises a
+ValueError on NaN or inf rewards, the MaxRL (reward_type="binary", the default), Maclaurin and PKPO rules also
+on rewards other than 0 and 1, and MaxRL with reward_type="nonnegative" on negative rewards. Under `jax.jit`
+or `jax.vmap` the rewards are tracers and these eager checks are skipped (raising would need a host sync);
+instead every group that holds a reward the rule does not accept gets NaN advantages (the whole group: its
+statistics are wrong for every member), while the other groups are unchanged. A NaN advantage makes the
+policy-gradient loss NaN, so a trainer's non-finite-loss stop catches it instead of training on silently wrong
+advantages. `invalid_reward_groups(name, rewards)` says which groups those are and
+`binary_reward_violation(rewards)` whether any reward is not 0 or 1 (both jittable, e.g. as step metrics). To
+raise inside jit instead, call `check_rewards(name, rewards)` in the jitted function and wrap it with
+`jax.experimental.checkify.checkify`.
+
+Non-binary rewards. A verifier that gives partial credit (r_i >= 0 real) needs a rule built for it: MaxRL with
+reward_type="nonnegative" is A_i = (r_i - mu) / mu with mu the group's mean reward (0 where mu = 0). The
+binary-only rules count successes, and a fractional "count" makes their advantages meaningless: at rewards
+[0.5, 0.25, 0, 0], taking K = 0.75 as a count of at least one success gives [1, 0, -1, -1], where
+(r - mu) / mu is [1.67, 0.33, -1, -1]; a group mean near 0 or below flips the sign or blows it up. This is
+why those rules refuse such rewards (eagerly) or poison their group (under jit).
 """
 
 from __future__ import annotations
@@ -71,6 +84,11 @@ __all__ = [
     "grouped_advantages",
     "apply_differential_smoothing",
     "check_rewards",
+    "binary_reward_violation",
+    "invalid_reward_groups",
+    "reward_domain",
+    "reward_requirement",
+    "REWARD_TYPES",
     "apply_self_filter",
     "get_advantage_fn",
     "ADVANTAGE_ESTIMATORS",
@@ -117,10 +135,16 @@ def _grpo_rule(r, K, N, Q, *, eps: float = 1e-6, population_std: bool = False):
   return (r - mean) / (jnp.sqrt(var) + eps)
 
 
-def _maxrl_rule(r, K, N, Q, *, zero_failed_groups: bool = True):
+def _maxrl_rule(r, K, N, Q, *, zero_failed_groups: bool = True, reward_type: str = "binary"):
   del Q
-  safe_K = jnp.maximum(K, 1.0)
-  adv = r * (N / safe_K) - 1.0  # == (r - mu) / mu when K >= 1.
+  if reward_type == "binary":
+    safe_K = jnp.maximum(K, 1.0)
+    adv = r * (N / safe_K) - 1.0  # == (r - mu) / mu when K >= 1.
+  else:
+    # Real K = sum r > 0: (r / K) * N - 1 == (r - mu) / mu. r_i <= K, so r_i / K lies in [0, 1] and a tiny mean
+    # cannot overflow it (N / K could); A_i lies in [-1, N - 1].
+    safe_K = jnp.where(K > 0, K, jnp.ones_like(K))
+    adv = (r / safe_K) * N - 1.0
   if zero_failed_groups:
     adv = jnp.where(K > 0, adv, jnp.zeros_like(adv))
   return adv
@@ -190,7 +214,8 @@ class EstimatorSpec:
 
   Attributes:
     rule: (r, K, N, Q, **kwargs) -> advantages, elementwise with broadcasting.
-    binary_rewards: whether rewards must be 0/1.
+    binary_rewards: whether rewards must be 0/1 (for maxrl: unless reward_type="nonnegative"; see
+      `reward_domain`).
     min_group_size: smallest N for which the rule is meaningful.
     kwargs: allowed keyword arguments and their defaults.
     unbiased_for: human-readable target, used in docs and the audit.
@@ -203,6 +228,9 @@ class EstimatorSpec:
   unbiased_for: str
 
 
+# Reward types of MaxRL: 0/1 rewards (the paper's setting), or partial credit r >= 0.
+REWARD_TYPES = ("binary", "nonnegative")
+
 ADVANTAGE_ESTIMATORS: dict[str, EstimatorSpec] = {
     "reinforce": EstimatorSpec(_reinforce_rule, False, 1, {}, "grad J_1 = grad E[p]"),
     "rloo": EstimatorSpec(_rloo_rule, False, 2, {}, "grad J_1 = grad E[p]"),
@@ -210,8 +238,9 @@ ADVANTAGE_ESTIMATORS: dict[str, EstimatorSpec] = {
     "grpo": EstimatorSpec(_grpo_rule, False, 2, {"eps": 1e-6, "population_std": False},
                           "no J_T; w ~ 1/sqrt(p(1-p))"),
     "maxrl": EstimatorSpec(
-        _maxrl_rule, True, 2, {"zero_failed_groups": True},
-        "grad J_{N-1} (grad J_N with zero_failed_groups=False)"),
+        _maxrl_rule, True, 2, {"zero_failed_groups": True, "reward_type": "binary"},
+        "grad J_{N-1} (grad J_N with zero_failed_groups=False); reward_type='nonnegative': consistent for "
+        "grad log E[r]"),
     "maclaurin": EstimatorSpec(_maclaurin_rule, True, 1, {"order": None, "cap_order_at_n": False},
                                "grad J_T, T = order (T = min(order, N) with cap_order_at_n)"),
     "pkpo": EstimatorSpec(_pkpo_rule, True, 1, {"k": None, "baseline": True, "form": "unbiased"},
@@ -242,6 +271,9 @@ def _check_kwargs(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     raise ValueError(f"Estimator {name!r}: eps={full['eps']!r} must be >= 0.")
   if "form" in full and full["form"] not in ("unbiased", "official"):
     raise ValueError(f"Estimator {name!r}: form={full['form']!r}; allowed: 'unbiased', 'official'.")
+  if "reward_type" in full and full["reward_type"] not in REWARD_TYPES:
+    raise ValueError(f"Estimator {name!r}: reward_type={full['reward_type']!r}; allowed: "
+                     f"{', '.join(map(repr, REWARD_TYPES))}.")
   for key in ("zero_failed_groups", "baseline", "cap_order_at_n", "population_std"):
     if key in full and not isinstance(full[key], (bool, np.bool_)):
       raise ValueError(f"Estimator {name!r}: {key}={full[key]!r} must be True or False.")
@@ -267,11 +299,91 @@ def _check_group_size(name: str, group_size: int, kwargs: Mapping[str, Any]) -> 
              else "."))
 
 
-def _check_binary(name: str, rewards: Array) -> None:
-  """Eager value checks of rewards: finite for every rule, 0/1 for the binary ones.
+def reward_domain(name: str, **kwargs) -> str:
+  """The rewards a registered rule accepts: "real" (any finite value), "binary" (0 or 1) or "nonnegative".
 
-  Skipped when the rewards are traced (under jit there are no values to look at without a host sync); use
-  `check_rewards` inside a `jax.experimental.checkify.checkify`-wrapped function for the same checks there.
+  Args:
+    name: a key of ADVANTAGE_ESTIMATORS.
+    **kwargs: the rule's arguments; only maxrl's `reward_type` changes the answer.
+  """
+  if name not in ADVANTAGE_ESTIMATORS:
+    raise ValueError(f"Unknown advantage estimator {name!r}. Allowed: {sorted(ADVANTAGE_ESTIMATORS)}.")
+  spec = ADVANTAGE_ESTIMATORS[name]
+  unknown = set(kwargs) - set(spec.kwargs)
+  if unknown:
+    raise ValueError(f"Estimator {name!r} got unknown argument(s) {sorted(unknown)}; it takes "
+                     f"{sorted(spec.kwargs) or 'no arguments'}.")
+  if "reward_type" in spec.kwargs:
+    reward_type = kwargs.get("reward_type", spec.kwargs["reward_type"])
+    if reward_type not in REWARD_TYPES:
+      raise ValueError(f"Estimator {name!r}: reward_type={reward_type!r}; allowed: "
+                       f"{', '.join(map(repr, REWARD_TYPES))}.")
+    return reward_type
+  return "binary" if spec.binary_rewards else "real"
+
+
+def reward_requirement(name: str, **kwargs) -> str:
+  """One sentence on the rewards a registered rule needs and what happens to other ones (for messages)."""
+  domain = reward_domain(name, **kwargs)
+  if domain == "real":
+    return (f"Estimator {name!r} needs finite rewards; a group with a NaN or inf reward gets NaN advantages "
+            "under jit.")
+  if domain == "binary":
+    partial = (" For partial-credit rewards (r >= 0) use maxrl with reward_type='nonnegative'."
+               if name == "maxrl" else " For partial-credit rewards (r >= 0) use maxrl with "
+               "reward_type='nonnegative', or threshold the verifier's output.")
+    return (f"Estimator {name!r} needs binary rewards (0 or 1); a group with any other reward gets NaN "
+            f"advantages under jit.{partial}")
+  return (f"Estimator {name!r} with reward_type='nonnegative' needs finite rewards >= 0; a group with a "
+          "negative or non-finite reward gets NaN advantages under jit.")
+
+
+def _accepted(domain: str, r: Array) -> Array:
+  """Elementwise bool: reward r lies in `domain` ("real": finite; "binary": 0 or 1; "nonnegative": >= 0)."""
+  if domain == "binary":
+    return (r == 0) | (r == 1)  # False for NaN and inf.
+  ok = jnp.isfinite(r)
+  return ok & (r >= 0) if domain == "nonnegative" else ok
+
+
+def binary_reward_violation(rewards: Array) -> Array:
+  """bool scalar: some reward is not exactly 0 or 1 (a fraction, a negative value, NaN or inf).
+
+  Jittable and vmappable (under vmap: one bool per mapped element), for a step metric such as
+  `nonbinary_rewards`: the binary rules (maxrl, maclaurin, pkpo) give NaN advantages to such groups.
+
+  Args:
+    rewards: any shape.
+  """
+  r = jnp.asarray(rewards)
+  return jnp.logical_not(jnp.all(_accepted("binary", r)))
+
+
+def invalid_reward_groups(name: str, rewards: Array, **kwargs) -> Array:
+  """bool [...]: the groups whose advantages the named rule makes NaN under jit (a reward it does not accept).
+
+  Args:
+    name: a key of ADVANTAGE_ESTIMATORS.
+    rewards: [..., N], the group on the last axis.
+    **kwargs: the rule's arguments (maxrl's reward_type matters).
+
+  Returns:
+    [...] bool, True for a group holding a non-finite reward, or (per `reward_domain`) a reward other than 0/1
+    or a negative one. Jittable and vmappable; jnp.sum of it counts the refused groups.
+  """
+  domain = reward_domain(name, **kwargs)
+  r = jnp.asarray(rewards)
+  if r.ndim < 1:
+    raise ValueError("rewards must have shape [..., N] with the group on the last axis, got a scalar.")
+  return jnp.logical_not(jnp.all(_accepted(domain, r), axis=-1))
+
+
+def _check_reward_values(name: str, rewards: Array, kwargs: Mapping[str, Any]) -> None:
+  """Eager value checks of rewards: finite for every rule, 0/1 for the binary ones, >= 0 for "nonnegative".
+
+  Skipped when the rewards are traced (under jit there are no values to look at without a host sync); the
+  rule then NaN-poisons the refused groups (`_poison`), and `check_rewards` inside a
+  `jax.experimental.checkify.checkify`-wrapped function raises there instead.
   """
   if isinstance(rewards, jax.core.Tracer):
     return
@@ -281,38 +393,52 @@ def _check_binary(name: str, rewards: Array) -> None:
     raise ValueError(
         f"Estimator {name!r} got non-finite rewards (e.g. {bad[:3].tolist()}); the advantages of their "
         "groups would be NaN. Fix the verifier or reward function so every reward is a finite number.")
-  if not ADVANTAGE_ESTIMATORS[name].binary_rewards:
-    return
-  if not np.all((values == 0.0) | (values == 1.0)):
+  domain = reward_domain(name, **kwargs)
+  if domain == "binary" and not np.all((values == 0.0) | (values == 1.0)):
     bad = values[(values != 0.0) & (values != 1.0)]
+    hint = (" For partial-credit rewards (r >= 0) use reward_type='nonnegative' (A = (r - mean) / mean)."
+            if name == "maxrl" else " Or use maxrl with reward_type='nonnegative' for partial-credit rewards.")
     raise ValueError(
         f"Estimator {name!r} needs binary rewards in {{0, 1}}, got values such as {bad[:3].tolist()}. "
-        "Threshold or rescale the verifier's output; with non-binary rewards the group success rate "
-        "can be ~0 or negative and the advantage explodes or flips sign.")
+        "Threshold or rescale the verifier's output; with non-binary rewards the group's sum is not a "
+        f"success count, and the advantage explodes or flips sign.{hint}")
+  if domain == "nonnegative" and np.any(values < 0):
+    bad = values[values < 0]
+    raise ValueError(
+        f"Estimator {name!r} with reward_type='nonnegative' needs rewards >= 0, got values such as "
+        f"{bad[:3].tolist()}: a group mean near 0 or below flips the sign of (r - mean) / mean or blows it up. "
+        "Shift or rescale the rewards to be >= 0 (or use a rule for real rewards: rloo, grpo, dr_grpo).")
 
 
-def check_rewards(name: str, rewards: Array) -> None:
+def check_rewards(name: str, rewards: Array, **kwargs) -> None:
   """The reward checks of the estimators, for use under jit through `jax.experimental.checkify`.
 
-  The estimators check values eagerly, and skip the value checks when traced (no host sync inside jit). To
-  keep them under jit, call this inside the function and wrap it:
+  In eager calls the estimators raise a ValueError; traced (jit, vmap), they skip that check and give NaN
+  advantages to the groups they refuse. To raise under jit instead, call this inside the function and wrap it:
 
       def step(rewards):
         estimators.check_rewards("maxrl", rewards)
         return estimators.maxrl_advantages(rewards)
       err, adv = checkify.checkify(jax.jit(step))(rewards)
-      err.throw()   # ValueError-like JaxRuntimeError naming the failed check
+      err.throw()   # JaxRuntimeError naming the failed check
 
-  Checks: every reward finite; for the binary rules (maxrl, maclaurin, pkpo) every reward 0 or 1.
+  Checks: every reward finite; for the binary rules (maxrl, maclaurin, pkpo) every reward 0 or 1; for maxrl
+  with reward_type="nonnegative" (pass it here too) every reward >= 0.
   """
   from jax.experimental import checkify  # pylint: disable=import-outside-toplevel
 
-  if name not in ADVANTAGE_ESTIMATORS:
-    raise ValueError(f"Unknown advantage estimator {name!r}. Allowed: {sorted(ADVANTAGE_ESTIMATORS)}.")
+  domain = reward_domain(name, **kwargs)
   r = jnp.asarray(rewards)
   checkify.check(jnp.all(jnp.isfinite(r)), f"Estimator {name!r} got non-finite rewards.")
-  if ADVANTAGE_ESTIMATORS[name].binary_rewards:
+  if domain == "binary":
     checkify.check(jnp.all((r == 0) | (r == 1)), f"Estimator {name!r} needs binary rewards (0 or 1).")
+  if domain == "nonnegative":
+    checkify.check(jnp.all(r >= 0), f"Estimator {name!r} with reward_type='nonnegative' needs rewards >= 0.")
+
+
+def _poison(advantages: Array, group_ok: Array) -> Array:
+  """NaN for the advantages of groups that are not ok; the others unchanged (bit for bit)."""
+  return jnp.where(group_ok, advantages, jnp.asarray(jnp.nan, advantages.dtype))
 
 
 def _dense(name: str, rewards: Array, **kwargs) -> Array:
@@ -321,12 +447,14 @@ def _dense(name: str, rewards: Array, **kwargs) -> Array:
   if rewards.ndim < 1:
     raise ValueError("rewards must have shape [..., N] with the group on the last axis, got a scalar.")
   _check_group_size(name, rewards.shape[-1], kwargs)
-  _check_binary(name, rewards)
+  _check_reward_values(name, rewards, kwargs)
   r = rewards.astype(_float_dtype(rewards))
   K = jnp.sum(r, axis=-1, keepdims=True)
   Q = jnp.sum(r * r, axis=-1, keepdims=True)
   N = jnp.asarray(rewards.shape[-1], r.dtype)
-  return ADVANTAGE_ESTIMATORS[name].rule(r, K, N, Q, **kwargs)
+  advantages = ADVANTAGE_ESTIMATORS[name].rule(r, K, N, Q, **kwargs)
+  group_ok = jnp.all(_accepted(reward_domain(name, **kwargs), r), axis=-1, keepdims=True)
+  return _poison(advantages, group_ok)
 
 
 def reinforce_advantages(rewards: Array) -> Array:
@@ -374,7 +502,7 @@ def grpo_advantages(rewards: Array, eps: float = 1e-6, population_std: bool = Fa
 
   Args:
     rewards: [..., N] finite rewards (any real values), N >= 2; NaN/inf raise a ValueError in eager calls
-      (under jit see `check_rewards`).
+      (under jit the group gets NaN advantages; see `check_rewards`).
     eps: added to the std.
     population_std: divide the group variance by N instead of N - 1 (variance K (N-K) / N^2 for binary
       rewards), as the official Differential Smoothing's GRPO part does. The advantages then grow by the
@@ -387,24 +515,42 @@ def grpo_advantages(rewards: Array, eps: float = 1e-6, population_std: bool = Fa
   return _dense("grpo", rewards, eps=eps, population_std=population_std)
 
 
-def maxrl_advantages(rewards: Array, zero_failed_groups: bool = True) -> Array:
+def maxrl_advantages(rewards: Array, zero_failed_groups: bool = True, reward_type: str = "binary") -> Array:
   """MaxRL (Algorithm 1 of the paper): A_i = (r_i - mu) / mu = r_i N / K - 1, and 0 when K = 0.
 
-  The estimate (1/N) sum_i A_i S_i = (1/K) sum_{i: r_i=1} S_i - (1/N) sum_i S_i averages the score over the
-  successful rollouts, with the group-mean score as a control variate.
+  With K = sum_i r_i and mu = K / N, the estimate (1/N) sum_i A_i S_i = (1/K) sum_i r_i S_i - (1/N) sum_i S_i
+  averages the score over the rollouts weighted by their reward, with the group-mean score as a control
+  variate.
+
+  reward_type="binary" (default): rewards r_i in {0, 1}, K the number of successes. Unbiased for grad J_{N-1}
+    (see zero_failed_groups); in exact arithmetic the numbers are those of the paper.
+  reward_type="nonnegative": partial-credit rewards r_i >= 0 (e.g. a verifier's score in [0, 1]), with the
+    same formula on the real sum K: A_i = (r_i - mu) / mu, 0 for every rollout of a group with mu = 0 (all
+    rewards 0). A_i lies in [-1, N - 1] however small mu is, and the rule is invariant to rescaling the
+    rewards (r -> c r, c > 0). For non-binary rewards the estimate is the self-normalised (ratio) estimator
+    of grad log E[r] = grad E[r] / E[r], the maximum-likelihood gradient of a partial-credit objective:
+    consistent as N -> infinity, biased at finite N (no exact order T exists there). On 0/1 rewards it is the
+    binary rule (equal up to float rounding, so its expectation is the same grad J_{N-1}).
+
+  Examples (N = 4): rewards [1, 0, 0, 1] -> [1, -1, -1, 1] with either type; rewards [0.5, 0.25, 0, 0] with
+  reward_type="nonnegative" -> [5/3, 1/3, -1, -1] (the binary type refuses them: a ValueError in eager
+  calls, NaN advantages under jit).
 
   Args:
-    rewards: [..., N] binary rewards, N >= 2 (checked eagerly, a ValueError otherwise; under jit see
-      `check_rewards`).
+    rewards: [..., N] rewards, N >= 2: binary, or >= 0 with reward_type="nonnegative". Checked eagerly (a
+      ValueError otherwise); under jit or vmap a group holding a refused reward (NaN, inf, a non-binary one, or
+      a negative one for "nonnegative") gets NaN advantages, the other groups are unaffected (see
+      `invalid_reward_groups`, and `check_rewards` to raise there through checkify).
     zero_failed_groups: if True (the paper's rule) groups without a success get advantage 0. Dropping the
       control variate there removes E[(1/N) sum_i S_i 1{K=0}] = -(1-p)^(N-1) grad p, so the estimator is
       unbiased for grad J_{N-1} (not J_N as the paper states). If False every rollout of a failed group
-      gets -1 and the estimator is unbiased for grad J_N, with w_N(p) = (1 - (1-p)^N) / p.
+      gets -1 and the binary estimator is unbiased for grad J_N, with w_N(p) = (1 - (1-p)^N) / p.
+    reward_type: "binary" or "nonnegative" (static).
 
   Returns:
-    [..., N] advantages.
+    [..., N] advantages, float32 (float64 for float64 rewards).
   """
-  return _dense("maxrl", rewards, zero_failed_groups=zero_failed_groups)
+  return _dense("maxrl", rewards, zero_failed_groups=zero_failed_groups, reward_type=reward_type)
 
 
 def maclaurin_advantages(rewards: Array, order: int, cap_order_at_n: bool = False) -> Array:
@@ -425,8 +571,9 @@ def maclaurin_advantages(rewards: Array, order: int, cap_order_at_n: bool = Fals
   and under Adam only the loss scale differs.
 
   Args:
-    rewards: [..., N] binary rewards (checked eagerly, a ValueError otherwise; under jit see
-      `check_rewards`).
+    rewards: [..., N] binary rewards (checked eagerly, a ValueError otherwise; under jit or vmap a group with
+      a reward other than 0 or 1 gets NaN advantages, since F would not be a count; see `check_rewards` to
+      raise there through checkify).
     order: T, an integer with 1 <= T <= N (static).
     cap_order_at_n: accept T > N and use T = min(T, N), as the official code does silently (its 17x17
       maze script sets T = 64).
@@ -456,8 +603,9 @@ def pkpo_advantages(rewards: Array, k: int, baseline: bool = True, form: str = "
   With N = 1 there are no other rollouts and no baseline: A = r for k = 1, in both forms.
 
   Args:
-    rewards: [..., N] binary rewards (checked eagerly, a ValueError otherwise; under jit see
-      `check_rewards`).
+    rewards: [..., N] binary rewards (checked eagerly, a ValueError otherwise; under jit or vmap a group with
+      a reward other than 0 or 1 gets NaN advantages, since K and F would not be counts; see `check_rewards`
+      to raise there through checkify).
     k: 1 <= k <= N (static).
     baseline: whether to subtract the leave-one-out baseline.
     form: "unbiased" (ours, above) or "official".
@@ -477,12 +625,13 @@ def grouped_advantages(name: str, rewards: Array, group_ids: Array, num_groups: 
     rewards: [R] rewards of all rollouts, in any order.
     group_ids: [R] int prompt id of each rollout, in [0, num_groups).
     num_groups: number of groups G (static).
-    **kwargs: the rule's arguments (order, k, eps, zero_failed_groups, baseline).
+    **kwargs: the rule's arguments (order, k, eps, zero_failed_groups, reward_type, baseline, ...).
 
   Returns:
     [R] advantages, equal to the dense rule applied to each group's rewards. Group sizes may differ; each
     group must satisfy the rule's size constraints (checked when group_ids are concrete; under jit a too
-    small group gives meaningless advantages).
+    small group gives meaningless advantages). Reward values are checked as in the dense rules: a ValueError
+    in eager calls, NaN advantages for the refused groups under jit.
   """
   kwargs = _check_kwargs(name, kwargs)
   rewards = jnp.asarray(rewards)
@@ -491,7 +640,7 @@ def grouped_advantages(name: str, rewards: Array, group_ids: Array, num_groups: 
     raise ValueError(
         f"grouped_advantages takes flat rewards [R] and group_ids [R], got {rewards.shape} and "
         f"{group_ids.shape}; use the dense functions for [..., N] groups.")
-  _check_binary(name, rewards)
+  _check_reward_values(name, rewards, kwargs)
   r = rewards.astype(_float_dtype(rewards))
   sizes = jax.ops.segment_sum(jnp.ones_like(r), group_ids, num_segments=num_groups)
   if not isinstance(group_ids, jax.core.Tracer):
@@ -501,7 +650,10 @@ def grouped_advantages(name: str, rewards: Array, group_ids: Array, num_groups: 
   K = jax.ops.segment_sum(r, group_ids, num_segments=num_groups)[group_ids]
   Q = jax.ops.segment_sum(r * r, group_ids, num_segments=num_groups)[group_ids]
   N = sizes[group_ids]
-  return ADVANTAGE_ESTIMATORS[name].rule(r, K, N, Q, **kwargs)
+  advantages = ADVANTAGE_ESTIMATORS[name].rule(r, K, N, Q, **kwargs)
+  refused = jnp.logical_not(_accepted(reward_domain(name, **kwargs), r)).astype(r.dtype)
+  group_ok = jax.ops.segment_sum(refused, group_ids, num_segments=num_groups)[group_ids] == 0
+  return _poison(advantages, group_ok)
 
 
 def apply_differential_smoothing(advantages: Array, rewards: Array, mean_logprobs: Array,
@@ -545,11 +697,11 @@ def apply_self_filter(advantages: Array, greedy_correct: Array) -> Array:
 def get_advantage_fn(name: str, **kwargs) -> AdvantageFn:
   """Returns `rewards [..., N] -> advantages [..., N]` for a registered estimator name.
 
-  Names: reinforce, rloo, dr_grpo, grpo (eps, population_std), maxrl (zero_failed_groups), maclaurin (order,
-  cap_order_at_n), pkpo (k, baseline, form). Unknown names or arguments raise a ValueError at once;
-  constraints that need N (T <= N unless cap_order_at_n, k <= N, N >= 2 for the MaxRL family) raise when the
-  function is first called or traced. Reward values are checked in eager calls only (see the module's
-  Validation note and `check_rewards`).
+  Names: reinforce, rloo, dr_grpo, grpo (eps, population_std), maxrl (zero_failed_groups, reward_type),
+  maclaurin (order, cap_order_at_n), pkpo (k, baseline, form). Unknown names or arguments raise a ValueError
+  at once; constraints that need N (T <= N unless cap_order_at_n, k <= N, N >= 2 for the MaxRL family) raise
+  when the function is first called or traced. Reward values raise in eager calls; under jit the refused
+  groups get NaN advantages (see the module's Validation note and `check_rewards`).
   """
   kwargs = _check_kwargs(name, kwargs)
 

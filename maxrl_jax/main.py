@@ -111,14 +111,16 @@ def main(argv):
   if workdir is None:
     raise app.UsageError("--workdir is required (a directory for the run's files), unless --dry_run.")
   # pylint: disable=g-import-not-at-top
+  from maxrl_jax import checkpoints
   from maxrl_jax import train
   from maxrl_jax import workdir as workdir_lib
   from maxrl_jax.trainers import loop
   try:
     train.train_and_evaluate(config, workdir)
-  except (ValueError, workdir_lib.WorkdirBusyError, loop.NonFiniteError, loop.Preempted) as e:
-    # Bad input (config, workdir, files), a busy workdir, a diverged or stopped run: the message says what and
-    # how to fix it; a traceback would only bury it. MAXRL_TRACEBACK=1 shows the traceback as well.
+  except (ValueError, workdir_lib.WorkdirBusyError, loop.NonFiniteError, loop.Preempted,
+          checkpoints.CheckpointSaveError) as e:
+    # Bad input (config, workdir, files), a busy workdir, a diverged or stopped run, a full disk at a checkpoint:
+    # the message says what and how to fix it; a traceback would only bury it. MAXRL_TRACEBACK=1 shows it too.
     if os.environ.get("MAXRL_TRACEBACK"):
       raise
     if isinstance(e, loop.Preempted):  # Saved and stopped on request: the shell's status for that signal.
