@@ -53,6 +53,9 @@ def objective(name: str = "maxrl", reduction: str = "token_mean") -> ml_collecti
   block.pkpo_form = "unbiased"  # or "official".
   block.cap_order_at_n = False  # maclaurin: True caps order at N (official), False refuses order > N.
   block.smoothing_std = "bessel"  # or "population" (official).
+  # The rewards the verifier gives: "binary" (0 or 1; the binary rules refuse others) or, for maxrl,
+  # "nonnegative" (partial credit r >= 0: A = (r - mean) / mean, 0 where the mean is 0).
+  block.reward_type = "binary"
   # Options other estimators take (unset: their defaults): grpo's std epsilon and population std (variance
   # over N instead of N - 1), pkpo's leave-one-out baseline.
   block.eps = config_dict.placeholder(float)

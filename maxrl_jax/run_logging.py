@@ -69,26 +69,28 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
   return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 
 
-def check_or_write_config(workdir: str, config_dict: dict) -> None:
-  """Writes <workdir>/config.json, or checks that a resumed run uses the same config.
-
-  Raises a ValueError naming the differing fields when the workdir holds a run with another config
-  (resuming it would silently mix two experiments). Fields in RESUMABLE_FIELDS may differ.
-  """
+def check_config(workdir: str, config_dict: dict) -> None:
+  """Refuses (ValueError naming the differing fields) a workdir whose config.json holds another run's config:
+  resuming it would silently mix two experiments. Fields in RESUMABLE_FIELDS may differ."""
   path = os.path.join(workdir, "config.json")
-  config_dict = jsonable(config_dict)
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        saved = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); delete it or use a new --workdir.") from e
-    diff = config_differences(saved, config_dict)
-    if diff:
-      raise ValueError(
-          f"--workdir {workdir} holds a run with a different config ({', '.join(diff[:8])}). Resuming would mix "
-          "two experiments: use a new --workdir, or the same config to resume.")
-  write_json_atomic(path, config_dict)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    try:
+      saved = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e}); delete it or use a new --workdir.") from e
+  diff = config_differences(saved, config_dict)
+  if diff:
+    raise ValueError(
+        f"--workdir {workdir} holds a run with a different config ({', '.join(diff[:8])}). Resuming would mix "
+        "two experiments: use a new --workdir, or the same config to resume.")
+
+
+def check_or_write_config(workdir: str, config_dict: dict) -> None:
+  """Writes <workdir>/config.json, or checks that a resumed run uses the same config (`check_config`)."""
+  check_config(workdir, config_dict)
+  write_json_atomic(os.path.join(workdir, "config.json"), jsonable(config_dict))
 
 
 class MetricsWriter:

@@ -61,7 +61,7 @@ MEMBER_AXIS = "member"
 # Config fields a member may set (the array shapes stay the same as the base config's).
 MEMBER_FIELDS = (
     "objective.name", "objective.order", "objective.k", "objective.zero_failed_groups", "objective.pkpo_form",
-    "objective.cap_order_at_n", "objective.smoothing_std", "objective.entropy_coef",
+    "objective.cap_order_at_n", "objective.smoothing_std", "objective.reward_type", "objective.entropy_coef",
     "objective.smoothing_gamma", "objective.self_filter",
     "rl.learning_rate", "rl.b1", "rl.b2", "rl.weight_decay",
 )

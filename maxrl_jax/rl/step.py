@@ -292,7 +292,10 @@ def update(spec: RLSpec, model_fns, state: TrainState, prompts: Array | sampling
   new_state = apply_gradients(state, grads, tx)
   return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads),
                      **rollout_metrics(rollouts, rewards, advantages), "entropy": entropy_sum / total_tokens,
-                     "logprob_mismatch": mismatch}
+                     "logprob_mismatch": mismatch,
+                     # Diagnostic (not logged): groups whose advantages the rule refused (NaN: a reward it does
+                     # not take), named in the message of the non-finite stop.
+                     "_refused_groups": jnp.sum(jnp.any(jnp.isnan(advantages), axis=-1))}
 
 
 def _accumulate_micro_batches(rollout_loss, params, prompts, rollouts, advantages, cp, cn, num_shards,

@@ -62,9 +62,15 @@ class ClassificationTrainer:
 
   # ---------------------------------------------------------------- training
 
+  def prepare(self, workdir: str) -> None:
+    self.data = self.task.load(workdir)
+
+  def close(self) -> None:
+    pass
+
   def train(self, run: harness.Run) -> None:
     config, objective, mesh = self.config, self.objective, run.mesh
-    data = self.data = self.task.load(run.workdir)
+    data = self.data
     batch_size = int(config.train.batch_size)
     steps_per_epoch = len(data.train) // batch_size
     if steps_per_epoch < 1:

@@ -5,8 +5,8 @@
     build the device mesh and check the batch sizes against it          (before the workdir is touched)
     prepare the workdir and lock it (one process per workdir)
     a finished run of the same config?  -> print where its results are, return its summary, change nothing
-    write config.json (or check that a resumed run uses the same config), the config identity
-    open metrics.jsonl and its sinks (process 0 writes), the checkpointers of the phases
+    refuse a workdir holding another config's run; the trainer's data (a bad file stops here, nothing written)
+    write config.json, the config identity; open metrics.jsonl and its sinks (process 0 writes)
     trainer.train(run): the phases, each through `Run.run_phase` (the step loop, trainers/loop.py), resumed
         from the newest good checkpoint with the records it holds (`Run.resume`)
     check that the last held-out evaluation is of the final step
@@ -63,6 +63,13 @@ class Trainer(Protocol):
 
   def batch_sizes(self) -> dict[str, int]:
     """{config field: batch size} that must split over the mesh's batch shards."""
+
+  def prepare(self, workdir: str) -> None:
+    """Reads (or builds) the task's data before config.json is written: a bad data file stops the run with
+    nothing of it on disk, so a corrected config may use the same workdir."""
+
+  def close(self) -> None:
+    """Releases what `prepare` started (worker processes); called however the launch ends."""
 
   def final_step(self, workdir: str | None = None) -> int | None:
     """The step of the last phase at which the run is finished (its final evaluation); None while it depends
@@ -407,9 +414,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, trainer:
       print(f"{workdir} already holds this run, finished (step {final_step}); nothing was changed. Its "
             f"results: {os.path.join(workdir, 'summary.json')}", flush=True)
       return finished
-    if sharding.is_chief():  # Run files are written once; orbax coordinates the checkpoints itself.
-      run_logging.check_or_write_config(workdir, config.to_dict())
+    run_logging.check_config(workdir, config.to_dict())  # Another run's workdir is refused before anything.
     with contextlib.ExitStack() as cleanup, StopSignals() as signals:
+      cleanup.callback(trainer.close)
+      trainer.prepare(workdir)
+      if sharding.is_chief():  # Run files are written once; orbax coordinates the checkpoints itself.
+        run_logging.check_or_write_config(workdir, config.to_dict())
       run = Run(config, workdir, mesh, cleanup, signals, sinks=trainer.sinks(workdir))
       try:
         trainer.train(run)

@@ -86,6 +86,8 @@ def interval_record(phase: str, step: int, steps: Sequence[Mapping[str, Any]], s
       lambda v: np.asarray(v, np.float64)[member])
   record = {"phase": phase, "step": step}
   for key in steps[0]:
+    if key.startswith("_"):  # A diagnostic for messages, not a record field.
+      continue
     record[key] = float(np.mean([float(pick(s[key])) for s in steps]))
   record["step_time_s"] = seconds / len(steps)
   for name, key in throughput.items():
@@ -94,14 +96,16 @@ def interval_record(phase: str, step: int, steps: Sequence[Mapping[str, Any]], s
 
 
 def _first_non_finite(steps: Sequence[Mapping[str, Any]], first_step: int, keys: Sequence[str],
-                      member: int | None) -> tuple[int, str, float] | None:
+                      member: int | None) -> tuple[int, str, float, dict] | None:
+  """(step, metric, value, that step's metrics of the member) of the first non-finite metric among `keys`."""
   for offset, metrics in enumerate(steps):
     for key in keys:
       if key in metrics:
         value = np.asarray(metrics[key], np.float64)
         value = float(value if member is None else value[member])
         if not math.isfinite(value):
-          return first_step + offset, key, value
+          own = {k: (np.asarray(v) if member is None else np.asarray(v)[member]) for k, v in metrics.items()}
+          return first_step + offset, key, value, own
   return None
 
 
@@ -128,6 +132,7 @@ def run_phase(
     members: Sequence[Mapping[str, Any]] | None = None,
     pending: Sequence[Mapping[str, Any]] | None = None,
     stop_requested: Callable[[int], bool] | None = None,
+    diagnose: Callable[[Mapping[str, Any]], str | None] | None = None,
 ) -> Any:
   """Runs steps start+1..end of one phase and returns the final state.
 
@@ -159,6 +164,9 @@ def run_phase(
     pending: host metrics of steps done before `start` but not logged yet (from a checkpoint saved at a
       stop request): they open the first interval.
     stop_requested: optional (step) -> bool, asked after every call; True saves and raises `Preempted`.
+    diagnose: optional (the diverged step's host metrics, of its member in a population) -> a sentence on the
+      likely cause, appended to the NonFiniteError's message (metrics whose names start with "_" are such
+      diagnostics: they are passed here and never written to the records).
   """
   if evaluate is not None and evals is None:
     raise ValueError("Pass `evals` (a dict) to receive the evaluations.")
@@ -173,12 +181,14 @@ def run_phase(
   tick = time.time()
   saved = last_saved if last_saved is not None else (start or None)
 
-  def diverged(step, quantity, value):
+  def diverged(step, quantity, value, metrics=None):
     where = f"the checkpoint of step {saved}" if saved else "no checkpoint of this phase"
+    cause = diagnose(metrics) if diagnose is not None and metrics is not None else None
     return NonFiniteError(
         f"{phase} diverged: {quantity} is {value} at step {step}. Nothing after it was saved; the run keeps "
-        f"{where} (the last finite state). Lower the learning rate (or check the data) and start again in a "
-        "new --workdir.")
+        f"{where} (the last finite state). "
+        + (cause + " " if cause else "Lower the learning rate (or check the data) and start again in a new "
+           "--workdir."))
 
   def flush_steps():
     return carried + _per_step(jax.device_get(history), stride)
@@ -200,7 +210,7 @@ def run_phase(
           bad = _first_non_finite(steps, first, finite_keys, i)
           if bad is not None:
             label = bad[1] if i is None else f"{bad[1]} of member {dict(members[i])}"
-            raise diverged(bad[0], label, bad[2])
+            raise diverged(bad[0], label, bad[2], bad[3])
         records = [interval_record(phase, step, steps, seconds, throughput, i) for i in indices]
         for i, record in zip(indices, records):
           if i is not None:

@@ -265,10 +265,14 @@ class RLTrainer:
 
   # ---------------------------------------------------------------- training
 
+  def prepare(self, workdir: str) -> None:
+    self.task.prepare(workdir)
+
+  def close(self) -> None:
+    self.task.close()
+
   def train(self, run: harness.Run) -> None:
     config, task, mesh = self.config, self.task, run.mesh
-    run.on_close(getattr(task, "close", lambda: None))
-    task.prepare(run.workdir)
     self.sizes = self._plan_memory(mesh, task.model_config())
     sharding.check_batch_sizes(mesh, self.sizes.batch_fields())
     self.spec = self._spec(mesh, self.sizes.micro_batch)
@@ -300,7 +304,17 @@ class RLTrainer:
         "rl", rl_state, runner.step, start=rl_start, end=config.rl.steps, desc=f"RL ({objective})",
         pending=pending, evaluate=runner.evaluate, eval_every=config.eval.every_steps, evals=evals,
         throughput={"tokens_per_s": "generated_tokens"}, members=self._member_fields(),
-        annotate=lambda record, step: record.update(task.record_fields(step)))
+        annotate=lambda record, step: record.update(task.record_fields(step)), diagnose=self._diagnose)
+
+  def _diagnose(self, metrics) -> str | None:
+    """Why an RL step's loss may be NaN: groups with rewards the objective refuses (its advantages are NaN)."""
+    refused = int(np.asarray(metrics.get("_refused_groups", 0)))
+    if not refused:
+      return None
+    objective = self.config.objective
+    requirement = estimators.reward_requirement(objective.name, **estimators.kwargs_from_config(objective))
+    return (f"{refused} prompt group(s) of that step had rewards the objective refuses, so their advantages "
+            f"are NaN: {requirement} Check the task's verifier, or choose an objective for such rewards.")
 
   def _member_fields(self):
     return [m.fields() for m in self.members] if self.is_population else None
