@@ -274,7 +274,7 @@ def main(argv):
                  "train_pass_rate": (summary.get("eval_train") or {}).get("pass_rate"),
                  "initial_pass_rate": (summary.get("initial_eval") or {}).get("pass_rate"),
                  "initial_eval": summary.get("initial_eval") or {},
-                 "train_time_s": summary["train_time_s"], "total_time_s": summary["total_time_s"],
+                 "train_time_s": summary["train_time_s"], "total_time_s": summary["wall_time_s_this_launch"],
                  "steps": summary["steps"], "hardware": summary["hardware"]})
 
   if _GRAD_NORM_RUN.value:

@@ -110,7 +110,7 @@ def test_objective_comparison_runs_and_skips_finished_runs(tmp_path, capsys):
       assert json.load(f)["initial_eval"] == members[0]["initial_eval"]
   capsys.readouterr()
   objectives_experiment.run(config, workdir)
-  assert "already holds this population, finished" in capsys.readouterr().out
+  assert "already holds this run, finished" in capsys.readouterr().out
   assert os.path.getmtime(summary) == stamp
 
 

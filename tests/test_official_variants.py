@@ -220,7 +220,7 @@ def test_config_fields_reach_only_the_estimator_they_concern():
   cfg.objective.name, cfg.objective.k, cfg.objective.pkpo_form = "pkpo", 2, "official"
   assert estimators.kwargs_from_config(cfg.objective) == {"k": 2, "form": "official"}
   cfg.objective.name = "maxrl"
-  assert estimators.kwargs_from_config(cfg.objective) == {"zero_failed_groups": True}
+  assert estimators.kwargs_from_config(cfg.objective) == {"zero_failed_groups": True, "reward_type": "binary"}
   # An older config.json without the fields, and typos that would otherwise be ignored.
   assert estimators.kwargs_from_config({"name": "maclaurin", "order": 4}) == {"order": 4}
   for field, value in (("pkpo_form", "oficial"), ("cap_order_at_n", "yes"), ("smoothing_std", "sample")):
