@@ -99,7 +99,7 @@ def _kill_when(proc, path, timeout=240):
 
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
   # Long enough phases that a kill lands mid-phase, right after a checkpoint.
-  extra = ["--config.sft.steps=30", "--config.rl.steps=30", "--config.eval.every_steps=10"]
+  extra = ["--config.sft.steps=16", "--config.rl.steps=16", "--config.eval.every_steps=8"]
   straight = str(tmp_path / "straight")
   proc = _launch(straight, extra)
   assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
@@ -107,7 +107,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
   resumed = str(tmp_path / "resumed")
   _kill_when(_launch(resumed, extra), os.path.join(resumed, "checkpoints", "sft", "4"))
   _kill_when(_launch(resumed, extra), os.path.join(resumed, "checkpoints", "rl", "4"))
-  assert not os.path.exists(os.path.join(resumed, "checkpoints", "rl", "30"))
+  assert not os.path.exists(os.path.join(resumed, "checkpoints", "rl", "16"))
   proc = _launch(resumed, extra)
   assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
 
@@ -129,7 +129,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
   stderr = proc.stderr.read().decode()
   assert "SIGTERM received" in stderr and "its state is saved" in stderr and "Traceback" not in stderr
   saved = sorted(int(s) for s in os.listdir(os.path.join(stopped, "checkpoints", "rl")) if s.isdigit())
-  assert saved[-1] < 30 and not os.path.exists(os.path.join(stopped, "summary.json"))
+  assert saved[-1] < 16 and not os.path.exists(os.path.join(stopped, "summary.json"))
   proc = _launch(stopped, extra)
   assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
   assert _deterministic(_read_metrics(stopped)) == _deterministic(want)
