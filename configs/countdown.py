@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.model.dtype = "float32"
 
   # Supervised warm-up on canonical solutions (loss on response tokens only).
-  cfg.sft = common.sft(steps=600, batch_size=32, learning_rate=1e-3, b1=0.9, b2=0.95, weight_decay=0.01,
+  cfg.sft = common.sft(steps=1200, batch_size=32, learning_rate=1e-3, b1=0.9, b2=0.95, weight_decay=0.01,
                        grad_clip=1.0, warmup_steps=20)
   cfg.rollout = common.rollout(num_prompts=16, num_samples=16, max_new_tokens=16, temperature=1.0)
   cfg.objective = common.objective("maxrl", reduction="token_mean")
