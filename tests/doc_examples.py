@@ -29,5 +29,6 @@ def examples(path: str = INTEGRATIONS) -> dict[str, str]:
 def run_example(name: str, path: str = INTEGRATIONS) -> dict:
   """Executes example `name` in a fresh namespace (as a script would) and returns that namespace."""
   namespace = {"__name__": "__main__"}
-  exec(compile(examples(path)[name], f"{os.path.relpath(path, REPO)}:{name}", "exec"), namespace)  # pylint: disable=exec-used
+  code = compile(examples(path)[name], f"{os.path.relpath(path, REPO)}:{name}", "exec")
+  exec(code, namespace)  # pylint: disable=exec-used
   return namespace

@@ -10,7 +10,6 @@ import pytest
 
 from maxrl_jax.text import hub
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 MODEL_ID = "HuggingFaceTB/SmolLM2-360M-Instruct"
 
@@ -126,7 +125,6 @@ def test_neither_cached_nor_downloadable_names_the_id_the_cache_and_the_command(
 def test_the_text_task_reads_a_model_and_gsm8k_through_hub_ids(hf_cache, tmp_path):
   """configs/gsm8k_smollm2.py:tiny with model.path and data paths as Hub ids: prepare() loads from the cache."""
   pytest.importorskip("tokenizers")
-  sys.path.insert(0, REPO)
   from configs import gsm8k_smollm2  # pylint: disable=import-outside-toplevel
   from maxrl_jax.tasks import base  # pylint: disable=import-outside-toplevel
   from maxrl_jax.text import data as data_lib  # pylint: disable=import-outside-toplevel

@@ -1,8 +1,9 @@
 """Hugging Face Hub ids for models and data, resolved to directories of huggingface_hub's cache.
 
-    resolve_model("HuggingFaceTB/SmolLM2-360M-Instruct")  # .../models--HuggingFaceTB--SmolLM2-360M-Instruct/snapshots/<commit>
+    resolve_model("HuggingFaceTB/SmolLM2-360M-Instruct")  # <cache>/models--HuggingFaceTB--SmolLM2-360M-Instruct/
+                                                          #   snapshots/<commit>
     resolve_model("/models/SmolLM2-360M-Instruct")        # a local path: returned unchanged
-    resolve_data("hf:openai/gsm8k/main")                  # .../datasets--openai--gsm8k/snapshots/<commit>/main
+    resolve_data("hf:openai/gsm8k/main")                  # <cache>/datasets--openai--gsm8k/snapshots/<commit>/main
     resolve_data("/data/gsm8k/train.jsonl")               # a file, a directory or tfds:...: returned unchanged
 
 What is a Hub id:
@@ -18,10 +19,10 @@ directory (config.json, safetensors, tokenizer files) for a model, the directory
 Downloads go through `huggingface_hub.snapshot_download`, with its progress bars, into its cache (HF_HUB_CACHE,
 or HF_HOME/hub; by default ~/.cache/huggingface/hub), and fetch only what the readers use: a model's top-level
 *.json, *.safetensors and *.jinja files (not ONNX or GGUF copies), a dataset's *.parquet / *.jsonl / *.json
-files (those of the subset only, when one is named). Later runs read the cache; the Hub is asked only which
-commit `main` is. With HF_HUB_OFFLINE=1 nothing is asked: the cache is read (local_files_only). When the
-repository is neither in the cache nor downloadable, `HubError` names the id, the cache directory and the
-`hf download` command that fetches exactly these files.
+files (those of the subset only, when one is named). Later runs find them in the cache; when the Hub cannot
+be reached, the cached snapshot is used. With HF_HUB_OFFLINE=1 nothing is asked: the cache is read
+(local_files_only). When the repository is neither in the cache nor downloadable, `HubError` names the id, the
+cache directory and the `hf download` command that fetches exactly these files.
 
 huggingface_hub is imported only when a Hub id is resolved (`pip install huggingface_hub`, or the `text`
 extra); local paths never need it.
