@@ -35,8 +35,9 @@ TRAIN = [
 
 EXTRAS = {
     "train": TRAIN,
-    # Language models: jinja chat templates, symbolic answer checking, parquet data.
-    "text": TRAIN + ["jinja2", "sympy", "pyarrow"],
+    # Language models: jinja chat templates, symbolic answer checking, parquet data, Hugging Face Hub ids
+    # (--config.model.path=OWNER/NAME, --config.data.train_path=hf:OWNER/NAME/SUBSET) through the Hub's cache.
+    "text": TRAIN + ["jinja2", "sympy", "pyarrow", "huggingface_hub"],
     # Optional Weights & Biases logging (--config.logging.wandb=True).
     "wandb": ["wandb"],
     "test": TRAIN + ["pytest>=7", "scipy", "jinja2", "sympy"],

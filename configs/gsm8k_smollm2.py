@@ -1,10 +1,13 @@
 r"""GSM8K with SmolLM2-360M-Instruct: the paper's data-scarce regime (Tajwar et al., 2026, GSM8K table).
 
-Weights and data are never downloaded: point the config at local copies.
+Point the config at local copies of the weights and data, or at Hugging Face Hub ids, which are fetched once into
+huggingface_hub's cache (HF_HUB_OFFLINE=1: the cache only; docs/integrations.md):
 
     python -m maxrl_jax.main --config=configs/gsm8k_smollm2.py --workdir=/ckpt/gsm8k_maxrl \
         --config.model.path=/models/SmolLM2-360M-Instruct \
         --config.data.train_path=/data/gsm8k --config.data.eval_path=/data/gsm8k_platinum
+    python -m maxrl_jax.main --config=configs/gsm8k_smollm2.py --workdir=/ckpt/gsm8k_maxrl \
+        --config.model.path=HuggingFaceTB/SmolLM2-360M-Instruct --config.data.train_path=hf:openai/gsm8k/main
     python -m maxrl_jax.main --config=configs/gsm8k_smollm2.py --workdir=... --config.objective.name=grpo
     python -m maxrl_jax.main --config=configs/gsm8k_smollm2.py:smoke --workdir=/tmp/smoke \
         --config.model.path=... --config.data.train_path=...        # one accelerator, minutes

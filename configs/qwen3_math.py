@@ -1,6 +1,6 @@
 r"""Qwen3-1.7B-Base / Qwen3-4B-Base on POLARIS-53K math (the paper's large-model runs).
 
-For accelerators with local weights and data; nothing is downloaded.
+For accelerators, with local weights and data (or Hugging Face Hub ids: docs/integrations.md).
 
     python -m maxrl_jax.main --config=configs/qwen3_math.py --workdir=/ckpt/qwen3_1p7b_maxrl \
         --config.model.path=/models/Qwen3-1.7B-Base \

@@ -22,6 +22,7 @@ DISTRIBUTIONS = {
     "array_record": "array_record", "etils": "etils", "ml_collections": "ml_collections", "absl": "absl-py",
     "tqdm": "tqdm", "matplotlib": "matplotlib", "PIL": "matplotlib",  # Pillow comes with matplotlib
     "tokenizers": "tokenizers", "jinja2": "jinja2", "sympy": "sympy", "pyarrow": "pyarrow", "wandb": "wandb",
+    "huggingface_hub": "huggingface_hub",
 }
 
 

@@ -34,6 +34,7 @@ from maxrl_jax import sharding
 from maxrl_jax.models import hf_loading
 from maxrl_jax.tasks import base
 from maxrl_jax.text import data as data_lib
+from maxrl_jax.text import hub
 from maxrl_jax.text import math_verifier
 from maxrl_jax.text import synthetic
 from maxrl_jax.text import tokenizer as tokenizer_lib
@@ -163,7 +164,7 @@ class TextTask(base.TokenTask):
   def _model_path(self, workdir: str) -> str:
     config = self.config
     if not config.model.synthetic:
-      return config.model.path
+      return hub.resolve_model(config.model.path)  # a Hub id: its cached snapshot
     path = os.path.join(workdir, "synthetic_model")
     if not os.path.exists(os.path.join(path, "config.json")):
       synthetic.write_tiny_checkpoint(path, architecture=config.model.synthetic, seed=config.seed,
@@ -182,6 +183,7 @@ class TextTask(base.TokenTask):
             d.synthetic_train_size, seed=config.seed, max_operand=d.synthetic_max_operand)))
         data_lib.write_jsonl(eval_path, data_lib.problems_to_rows(data_lib.synthetic_arithmetic(
             config.eval.num_problems or 16, seed=config.seed + 1, max_operand=d.synthetic_max_operand)))
+    train_path, eval_path = hub.resolve_data(train_path), hub.resolve_data(eval_path)  # hf:OWNER/NAME[/SUBSET]
     load = functools.partial(data_lib.load_problems, question_key=d.question_key or None,
                              answer_key=d.answer_key or None, answer_format=d.answer_format,
                              data_dir=d.tfds_data_dir or None)
