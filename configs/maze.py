@@ -150,6 +150,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Where the metrics go besides <workdir>/metrics.jsonl (and the PNG curves written at the end).
   cfg.logging = ml_collections.ConfigDict()
   cfg.logging.tensorboard = True  # Event files in <workdir>/tensorboard (`tensorboard --logdir=<workdir>`).
+  # PNG curves at the end of the run (a population's: population.png and every member's). False leaves them
+  # out; `python -m maxrl_jax.plots --workdir=DIR` draws a run's from its metrics.jsonl at any time.
+  cfg.logging.plots = True
   cfg.logging.wandb = False  # True: also a Weights & Biases run (pip install wandb).
   cfg.logging.wandb_project = "maxrl_jax"
 

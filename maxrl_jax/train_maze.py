@@ -567,7 +567,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   }
   if sharding.is_chief():
     run_logging.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
-    curves = plots.plot_run(workdir)
+    curves = plots.plot_run(workdir) if run_logging.curves_wanted(config) else []
   def with_se(result):
     cells = {f"pass@{k}": f"{result[f'pass@{k}']:.4f} ± {result.get(f'pass@{k}_se', 0.0):.4f}" for k in ks}
     return {**cells, "fraction_solved": result["fraction_solved"]}

@@ -462,9 +462,10 @@ def _finish(config, workdir, members, seeds, keys, evals, records, heldout, eval
       "config_sha256": workdir_lib.config_digest(config.to_dict()),
   }
   if sharding.is_chief():
-    exported = export_members(workdir, members, member_summaries, records, summary)
+    curves = run_logging.curves_wanted(config)
+    exported = export_members(workdir, members, member_summaries, records, summary, curves=curves)
     run_logging.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
-    figure = plot_population(workdir, members, evals, ks)
+    figure = plot_population(workdir, members, evals, ks) if curves else "not drawn (logging.plots=False)"
   _print_tables(config, members, member_summaries, table, ks, training_mazes)
   if sharding.is_chief():
     print(f"Per-member workdirs: {os.path.join(workdir, 'members')} ({len(exported)}); curves: {figure}",
@@ -510,12 +511,12 @@ def _print_tables(config, members, member_summaries, table, ks, training_mazes):
             "distinct mazes, none of them held out."))
 
 
-def export_members(workdir, members, member_summaries, records, summary) -> list[str]:
+def export_members(workdir, members, member_summaries, records, summary, curves: bool = True) -> list[str]:
   """Writes each member as a single run's workdir under <workdir>/members/<label>/seed<s>/ and returns them.
 
   Each holds config.json (the member's single-run config), metrics.jsonl (its SFT seed's SFT records and its
   own eval and RL records, without the member fields), summary.json (the fields a single run's summary has)
-  and the PNG curves of maxrl_jax.plots. They are views, rewritten at the end of every launch.
+  and, with `curves`, the PNG curves of maxrl_jax.plots. They are views, rewritten at the end of every launch.
   """
   paths = []
   for m, s in zip(members, member_summaries):
@@ -534,7 +535,8 @@ def export_members(workdir, members, member_summaries, records, summary) -> list
         "config_sha256": workdir_lib.config_digest(m.config.to_dict()),
     }
     run_logging.write_json_atomic(os.path.join(path, "summary.json"), member_summary)
-    plots.plot_run(path)
+    if curves:
+      plots.plot_run(path)
     paths.append(path)
   return paths
 
