@@ -137,6 +137,9 @@ def logging() -> ml_collections.ConfigDict:
   """Where the metrics go besides <workdir>/metrics.jsonl (and the PNG curves written at the end)."""
   block = ml_collections.ConfigDict()
   block.tensorboard = True  # Event files in <workdir>/tensorboard (`tensorboard --logdir=<workdir>`).
+  # PNG curves at the end of the run (a population's: population.png and every member's). False leaves them
+  # out; `python -m maxrl_jax.plots --workdir=DIR` draws a run's from its metrics.jsonl at any time.
+  block.plots = True
   block.wandb = False  # True: also a Weights & Biases run (pip install wandb).
   block.wandb_project = "maxrl_jax"
   return block

@@ -25,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     pkpo_k, maclaurin_order = 4, 4  # Both < N = 16.
   elif preset == "gpu":
     # The whole table (8 objectives x 3 seeds = 24 members) at 9 x 9 for 2000 RL steps as one population on
-    # one accelerator (scripts/gpu_objectives.sh); evaluations along the way for the curves.
+    # one accelerator (the `table` part of scripts/gpu_all.sh); evaluations along the way for the curves.
     cfg.base = maze.get_config("default")
     cfg.base.progress_bar = False
     cfg.base.rl.steps = 2000

@@ -25,8 +25,10 @@ from maxrl_jax.rl import population as population_lib
 
 
 def enable_compilation_cache(workdir: str) -> None:
-  """Reuse compiled step functions across the runs of an ablation (same shapes, new closures)."""
-  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
+  """Reuse compiled step functions across the runs of an ablation (same shapes, new closures): in
+  <workdir>/.jax_cache, or in the cache that JAX_COMPILATION_CACHE_DIR names."""
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

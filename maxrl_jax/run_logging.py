@@ -400,6 +400,12 @@ class WandbSink:
       self._run = None
 
 
+def curves_wanted(config: Any) -> bool:
+  """`config.logging.plots` (True when absent): whether a trainer draws its PNG curves at the end of a run."""
+  block = config.get("logging") if hasattr(config, "get") else None
+  return bool((block or {}).get("plots", True))
+
+
 def sinks_from_config(config: Any, workdir: str, is_chief: bool | None = None) -> list:
   """The sinks asked for by the optional `config.logging` block (defaults when it is absent):
 

@@ -27,7 +27,9 @@ micro-batches, so a step's time is linear in their number: --sample_calls / --ge
 calls and --update_prompts that many prompts, and `step_s` extrapolates to all P prompts
 (`step_s_measured_part` says which share was run). Memory: JAX's peak bytes in use and XLA's compiled sizes;
 torch's max_memory_allocated. The roofline of each part (`maxrl_jax.memory_plan`) is given for the card
-(--card, or the device kind). Prints one JSON object (also written to --out, after every part).
+(--card, or the device kind). Prints one JSON object (also written to --out, after every part); `targets`
+states the target (our sampler >= 3x `generate` for SmolLM2-360M at the default sizes on an accelerator) and
+whether it was met.
 """
 
 from __future__ import annotations
@@ -499,6 +501,8 @@ def main(argv):
                                                           str(_JAX_MEM_FRACTION.value))}
   _log("jax stack")
   report["jax"] = _child("jax", out + ".jax", env, _CHILD_TIMEOUT.value)
+  if _OUT.value:  # The jax half is kept if the torch process does not finish.
+    _write(report)
   plan = report["jax"].get("plan")
   if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
     report["torch"] = {"skipped": "torch / transformers not installed"}
@@ -517,6 +521,13 @@ def main(argv):
       "our_rl_step_s": round(sample_s + update_s, 3) if sample_s and update_s else None,
       "torch_rl_step_s": round(gen_s + torch_update_s, 3) if gen_s and torch_update_s else None,
   }
+  # Target: our sampler >= 3x transformers' generate for SmolLM2-360M at the default sizes on an accelerator.
+  ratio = report["comparison"]["generate_s_over_sampler_s"]
+  setup = (_MODEL.value, _NUM_PROMPTS.value, _NUM_ROLLOUTS.value, _PROMPT_LEN.value, _NEW_TOKENS.value, _DTYPE.value)
+  report["targets"] = {"setup_matches_benchmark": setup == ("smollm2-360m", 64, 16, 256, 1024, "bfloat16")
+                       and ours.get("backend") in ("gpu", "tpu")}
+  if ratio is not None:
+    report["targets"]["sampler_vs_generate"] = {"at_least": 3.0, "measured": ratio, "met": ratio >= 3.0}
   report["wall_time_s"] = round(time.time() - start, 1)
   for suffix in (".jax", ".torch"):
     if os.path.exists(out + suffix):
@@ -527,6 +538,9 @@ def main(argv):
     _write(report)
   elif os.path.exists(out):
     os.remove(out)
+  failed = [name for name in ("jax", "torch") if report[name].get("process", {}).get("exit_code", 0) != 0]
+  if failed:  # Cut short or crashed: the JSON says how; the exit status says that it happened.
+    sys.exit(f"bench_llm: the {' and '.join(failed)} process did not finish (see `process` in the JSON).")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ r"""Rollout and RL-step benchmark of the maze policy: our sampler vs recompute v
     python scripts/bench_rollout.py --roofline_only --card=H100 --num_prompts=32 --num_rollouts=128 \
         --prompt_len=310 --new_tokens=100 --dtype=bfloat16             # bytes, FLOPs, bounds only
 
-Everything runs in one process and prints one JSON object (also written to --out). The policy is the paper's
+Everything runs in one process and prints one JSON object (also written to --out after every part, with
+`complete` false until the last one, so a run cut short keeps what it measured). The policy is the paper's
 maze decoder (4 layers, hidden 256, FFN 1024, 4 heads, 2 KV heads, tied embeddings, RoPE theta 1e6, q/k/v
 biases: `DecoderConfig()`), randomly initialised; the rollouts are in the RL layout: P distinct prompts (maze
 prompts when --prompt_len = S (S + 1) + 4 for an odd S, random tokens otherwise), each continued N times.
@@ -600,6 +601,17 @@ def _format_json(report: dict) -> str:
   return re.sub(r"\[\s*([-0-9.e,\s]*?)\s*\]", inline, text)
 
 
+def _save(report: dict, complete: bool = False) -> str:
+  """Writes the report to --out (atomically) and returns its text; `complete` is False until the last part."""
+  report["complete"] = complete
+  text = _format_json(report)
+  if _OUT.value:
+    with open(_OUT.value + ".tmp", "w") as f:
+      f.write(text + "\n")
+    os.replace(_OUT.value + ".tmp", _OUT.value)
+  return text
+
+
 def _setup_torch(report: dict, params, config, prompts_np: np.ndarray, num_rollouts: int):
   """(model, device) of the transformers baseline, or (None, None) when torch / transformers are missing."""
   try:
@@ -674,14 +686,17 @@ def main(argv):
     log(f"sampler: P={P} N={N} L={L} M={M} {_DTYPE.value}")
     report["sampler"] = _attempt(lambda: bench_sampler(model_fns, params, prompts, num_rollouts=N, new_tokens=M,
                                                        repeats=_REPEATS.value, suffix_block=suffix_block))
+    _save(report)
     if model is not None:
       log("transformers generate")
       report["hf_generate"] = _attempt(lambda: bench_hf_generate(model, prompts_np, num_rollouts=N, new_tokens=M,
                                                                  repeats=_REPEATS.value, device=device))
+      _save(report)
     if _RECOMPUTE.value:
       log("recompute baseline")
       report["recompute"] = _attempt(lambda: bench_sampler(model_fns, params, prompts, num_rollouts=N, new_tokens=M,
                                                            repeats=_RECOMPUTE_REPEATS.value, recompute=True))
+      _save(report)
     report["ratios"] = {
         "generate_s_over_sampler_s": _ratio(report.get("hf_generate"), report["sampler"]),
         "recompute_s_over_sampler_s": _ratio(report.get("recompute"), report["sampler"]),
@@ -695,6 +710,7 @@ def main(argv):
       ours = _attempt(lambda: bench_rl_step(model_fns, params, grids, num_rollouts=N, new_tokens=M,
                                             repeats=_REPEATS.value))
       report["rl_step"] = {"ours": ours}
+      _save(report)
       if model is not None:
         log("RL step (torch)")
         theirs = _attempt(lambda: bench_torch_rl_step(model, prompts_np, num_rollouts=N, new_tokens=M,
@@ -725,6 +741,7 @@ def main(argv):
       point["roofline"] = roofline(config, _SWEEP_PROMPTS.value, n, L, m, card, sweep_blocks[0])
       point["measured_over_bound"] = _measured_over_bound(point, point["roofline"])
       report["sweeps"].append(point)
+      _save(report)
     report["length_growth"] = length_growth(report["sweeps"], N)
 
   if _MAIN.value or _RL_STEP.value:
@@ -758,11 +775,7 @@ def main(argv):
   report["targets"] = targets
   report["load_at_end"] = _load()
   report["wall_time_s"] = round(time.time() - start_time, 1)
-  text = _format_json(report)
-  print(text)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      f.write(text + "\n")
+  print(_save(report, complete=True))
 
 
 if __name__ == "__main__":

@@ -306,16 +306,13 @@ def test_dry_run_lists_the_members():
   assert "once per seed (3)" in work["population work"]
 
 
-def test_gpu_population_script_runs_at_toy_size(tmp_path):
-  # What an accelerator run starts with (scripts/gpu_population.sh), at toy size: the benchmark's JSON. (Its second
-  # part, scripts/gpu_objectives.sh, runs experiments.maze_objectives, which test_ablations and
-  # test_reproduce run as populations.)
-  env = dict(os.environ, DRY="1", JAX_PLATFORMS="cpu")
-  proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_population.sh"), str(tmp_path)], env=env,
-                        capture_output=True, text=True, timeout=900)
-  log = (tmp_path / "log.txt").read_text() if (tmp_path / "log.txt").exists() else ""
-  assert proc.returncode == 0, proc.stdout[-3000:] + log[-5000:]
-  report = json.loads((tmp_path / "population_bench.json").read_text())
+def test_bench_population_at_toy_size(tmp_path):
+  # scripts/bench_population.py (on an accelerator: the `population` part of scripts/gpu_all.sh) at toy size.
+  out = tmp_path / "population_bench.json"
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_population.py"), "--preset=tiny",
+                         "--sizes=1,2", "--steps=1", f"--out={out}"], capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  report = json.loads(out.read_text())
   assert [row["members"] for row in report["populations"]] == [1, 2]
   assert report["populations"][1]["labels"] == ["maxrl/seed0", "grpo/seed0"]
   assert set(report["single_runs"]) == {"maxrl", "grpo"}

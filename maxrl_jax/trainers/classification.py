@@ -193,7 +193,7 @@ class ClassificationTrainer:
 
   def report(self, run: harness.Run, summary: dict) -> None:
     print_table(summary, tuple(int(k) for k in self.config.eval.ks))
-    harness.plot_curves(run.workdir)
+    harness.plot_curves(run.workdir, self.config)
 
 
 def print_table(summary: dict, ks, out=sys.stdout) -> None:

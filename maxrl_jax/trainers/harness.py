@@ -443,8 +443,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, trainer:
     return summary
 
 
-def plot_curves(workdir: str) -> list[str]:
-  """The PNG curves of a run's metrics.jsonl (maxrl_jax/plots.py); prints where they are."""
+def plot_curves(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
+  """The PNG curves of a run's metrics.jsonl (maxrl_jax/plots.py), unless config.logging.plots is False;
+  prints where they are."""
+  if not run_logging.curves_wanted(config):
+    return []
   curves = plots.plot_run(workdir)
   if curves:
     print("Curves: " + ", ".join(curves), flush=True)

@@ -423,8 +423,10 @@ class RLTrainer:
     config = self.config
     ks = list(config.eval.ks)
     if self.is_population:
-      exported = export_members(run.workdir, self.members, summary, run.records.records, self.task)
-      figure = plot_population(run.workdir, self.members, run.records.evals(), ks)
+      curves = run_logging.curves_wanted(config)
+      exported = export_members(run.workdir, self.members, summary, run.records.records, self.task, curves=curves)
+      figure = (plot_population(run.workdir, self.members, run.records.evals(), ks) if curves
+                else "not drawn (logging.plots=False)")
       print_population_tables(config, self.task, summary, ks)
       print(f"Per-member workdirs: {os.path.join(run.workdir, 'members')} ({len(exported)}); curves: {figure}",
             flush=True)
@@ -443,7 +445,7 @@ class RLTrainer:
             {"policy": f"after RL ({config.objective.name}, {config.rl.steps} steps)", **cells(final)}]
     title = self.task.table_title() + "." + self.task.table_note(summary)
     print(run_logging.format_table(rows, ["policy"] + columns + extra, title=title))
-    harness.plot_curves(run.workdir)
+    harness.plot_curves(run.workdir, config)
 
 
 # ------------------------------------------------------------------------------------------------ device tasks
@@ -933,12 +935,12 @@ def print_population_tables(config, task, summary, ks):
                                  title="Per objective: mean ± std over seeds."))
 
 
-def export_members(workdir, members, summary, records, task) -> list[str]:
+def export_members(workdir, members, summary, records, task, curves: bool = True) -> list[str]:
   """Writes each member as a single run's workdir under <workdir>/members/<label>/seed<s>/ and returns them.
 
   Each holds config.json (the member's single-run config), metrics.jsonl (its seed's SFT records and its own
-  eval and RL records, without the member fields), summary.json (the fields a single run's summary has) and
-  the PNG curves of maxrl_jax.plots. They are views, rewritten at the end of every launch.
+  eval and RL records, without the member fields), summary.json (the fields a single run's summary has) and,
+  with `curves`, the PNG curves of maxrl_jax.plots. They are views, rewritten at the end of every launch.
   """
   paths = []
   per_seed = tuple(task.seed_fields)
@@ -960,7 +962,8 @@ def export_members(workdir, members, summary, records, task) -> list[str]:
       if key in summary:
         member_summary[key] = summary[key][f"seed{m.seed}"]
     run_logging.write_json_atomic(os.path.join(path, "summary.json"), member_summary)
-    plots.plot_run(path)
+    if curves:
+      plots.plot_run(path)
     paths.append(path)
   return paths
 
