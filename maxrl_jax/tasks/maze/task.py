@@ -211,7 +211,8 @@ class MazeTask(base.TokenTask):
   def set_heldout(self, grids: np.ndarray) -> None:
     """Uses `grids` [M, S, S] as the held-out set: never drawn for SFT or RL (benchmarks may pass none)."""
     self.heldout_grids = np.asarray(grids)
-    self.heldout_table = jnp.asarray(env.hash_table(self.heldout_grids))
+    self.heldout_table = (jnp.asarray(env.hash_table(self.heldout_grids)) if len(self.heldout_grids)
+                          else jnp.zeros((0,), jnp.uint32))
     self.pool = None
 
   def sft_batch(self, key, step):
