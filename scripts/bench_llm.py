@@ -538,9 +538,15 @@ def main(argv):
     _write(report)
   elif os.path.exists(out):
     os.remove(out)
-  failed = [name for name in ("jax", "torch") if report[name].get("process", {}).get("exit_code", 0) != 0]
-  if failed:  # Cut short or crashed: the JSON says how; the exit status says that it happened.
-    sys.exit(f"bench_llm: the {' and '.join(failed)} process did not finish (see `process` in the JSON).")
+  processes = {name: report[name].get("process", {}) for name in ("jax", "torch")}
+  crashed = [name for name, p in processes.items() if p.get("exit_code", 0) not in (0, None)]
+  cut_short = [name for name, p in processes.items() if "timed_out_after_s" in p]
+  if crashed or cut_short:  # The JSON says how; the exit status says that it happened: 124 (as `timeout`
+    # exits) when a process ran out of its time, 1 when one crashed.
+    names = crashed + cut_short
+    print(f"bench_llm: the {' and '.join(names)} process{'es' if len(names) > 1 else ''} did not finish "
+          "(see `process` in the JSON).", file=sys.stderr)
+    sys.exit(1 if crashed else 124)
 
 
 if __name__ == "__main__":

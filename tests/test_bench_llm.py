@@ -4,6 +4,7 @@ transformers architectures built from our LLM configs have the published paramet
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -82,3 +83,17 @@ print(json.dumps(out))
   counts = json.loads(proc.stdout.strip().splitlines()[-1])
   assert counts["smollm2-360m"] == [361_821_120, 361_821_120]
   assert counts["qwen3-1.7b"] == [1_720_574_976, 1_720_574_976]
+
+
+def test_a_process_out_of_time_exits_124_and_the_json_says_so(tmp_path):
+  """A stack process killed at its time limit is a benchmark cut short, not a crash: exit 124 (as `timeout`
+  exits), so scripts/gpu_all.sh reports the part as cut short; the JSON names the limit."""
+  out = tmp_path / "cut.json"
+  command = [sys.executable, os.path.join(REPO, "scripts", "bench_llm.py"), "--model=tiny", "--num_prompts=2",
+             "--num_rollouts=2", "--prompt_len=8", "--new_tokens=6", "--repeats=1", "--child_timeout_s=1",
+             "--torch_timeout_s=1", f"--out={out}"]
+  proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 124, proc.stderr[-3000:]
+  assert re.search(r"bench_llm: the jax (and torch processes|process) did not finish", proc.stderr), proc.stderr
+  process = json.loads(out.read_text())["jax"]["process"]
+  assert process["exit_code"] is None and process["timed_out_after_s"] == 1, process
