@@ -324,3 +324,206 @@ def test_lora_update_trains_the_adapters_only(tiny_model, batch):
   hyper = step_lib.Hyper(learning_rate=1.0, b1=0.9, b2=0.95, weight_decay=0.0, kl_coef=0.5)
   _, metrics = _update(tiny_model, batch, params=adapters, frozen=frozen, lora=LORA, hyper=hyper)
   assert abs(float(metrics["kl"])) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+def _maze(**overrides):
+  config = maze_config.get_config("tiny")
+  config.logging.tensorboard = False
+  config_fields.set_fields(config, overrides)
+  return config
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"rl.ppo_mini_batches": 3}, r"config.rl.ppo_mini_batches: 3 must divide rollout.num_prompts=4"),
+    ({"rl.ppo_epochs": 0}, r"config.rl.ppo_epochs: 0 must be an integer >= 1"),
+    ({"rl.ppo_epochs": 2}, r"config.rl.importance_ratio: 'none' .* = 2: set it to 'token'"),
+    ({"rl.importance_ratio": "seq"}, r"config.rl.importance_ratio: 'seq'; allowed"),
+    ({"rl.importance_ratio": "token", "rl.clip_low": 1.0}, r"config.rl.clip_low: 1.0 must be in \[0, 1\)"),
+    ({"rl.ppo_mini_batches": 2, "rl.importance_ratio": "token", "rl.micro_batch_prompts": 4},
+     r"config.rl.micro_batch_prompts: 4 must divide the 2 prompts of a mini-batch"),
+    ({"rl.tis_cap": -1.0}, r"config.rl.tis_cap: -1.0 must be >= 0"),
+    ({"rl.kl_coef": -0.1}, r"config.rl.kl_coef: -0.1 must be >= 0"),
+    ({"rl.kl_estimator": "k4"}, r"config.rl.kl_estimator: 'k4'; allowed: \['k1', 'k2', 'k3'\]"),
+    ({"rl.kl_in": "advantage"}, r"config.rl.kl_in: 'advantage'; allowed"),
+    ({"model.lora_rank": -1}, r"config.model.lora_rank: -1 must be an integer >= 0"),
+    ({"model.lora_rank": 4, "model.lora_targets": ("q_proj", "lm_head")}, r"config.model.lora_targets"),
+    ({"model.lora_rank": 4, "model.lora_base_dtype": "float16"}, r"config.model.lora_base_dtype: 'float16'"),
+    ({"model.lora_rank": 4, "model.lora_update": "fused"}, r"config.model.lora_update: 'fused'"),
+])
+def test_bad_knob_settings_name_the_field_and_the_fix(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    train.validate_config(_maze(**overrides))
+
+
+def test_every_knob_is_off_in_every_preset():
+  from configs import countdown  # pylint: disable=import-outside-toplevel
+  for config in [maze_config.get_config(p) for p in ("default", "tiny", "paper")] + [
+      countdown.get_config(p) for p in ("default", "tiny")] + [gsm8k_smollm2.get_config(p) for p in ("paper", "tiny")]:
+    rl = config.rl
+    assert (rl.ppo_mini_batches, rl.ppo_epochs, rl.importance_ratio, rl.tis_cap, rl.kl_coef) == (1, 1, "none", 0.0, 0.0)
+    assert config.model.lora_rank == 0
+  assert "rl.kl_coef" in population.MEMBER_FIELDS and step_lib.HYPER_FIELDS["rl.kl_coef"] == "kl_coef"
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def _records(workdir):
+  return [{k: v for k, v in r.items() if k not in TIMING} for r in run_logging.MetricsWriter(str(workdir)).read()]
+
+
+# Every knob at once on the tiny maze (an SFT long enough that some rollouts pass).
+KNOBS = {"sft.steps": 300, "sft.learning_rate": 3e-3, "rl.steps": 4, "eval.every_steps": 2, "log_every_steps": 1,
+         "checkpoint_every_steps": 2, "rl.ppo_mini_batches": 2, "rl.ppo_epochs": 2, "rl.importance_ratio": "token",
+         "rl.clip_high": 0.28, "rl.tis_cap": 2.0, "rl.kl_coef": 0.05, "model.lora_rank": 4}
+
+
+@pytest.fixture(scope="module")
+def knob_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("knobs") / "run"
+  return workdir, train.train_and_evaluate(_maze(**KNOBS), str(workdir))
+
+
+def test_tiny_maze_with_every_knob_runs_and_says_what_it_did(knob_run):
+  workdir, summary = knob_run
+  rl = [r for r in _records(workdir) if r["phase"] == "rl"]
+  assert len(rl) == 4 and all(r["optimizer_updates"] == 4.0 for r in rl)
+  assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["kl"] >= 0 for r in rl)
+  assert all(0 <= r["clip_fraction"] <= 1 and 0 <= r["tis_capped_fraction"] <= 1 for r in rl)
+  assert any(0 < r["pass_rate"] < 1 for r in rl) and any(r["kl"] > 0 for r in rl)
+  assert all(r["logprob_mismatch"] < 1e-4 for r in rl)  # The sampler's merged weights are the learner's.
+  assert set(summary["eval"]) >= {"pass@1", "pass@8"}
+  # The RL checkpoint holds the adapters (and their optimizer state) only, and names the frozen base.
+  step_dir = workdir / "checkpoints" / "rl" / "4"
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  state = ocp.StandardCheckpointer().restore(str(step_dir / "state"))
+  names = {jax.tree_util.keystr(p)[-9:] for p, _ in jax.tree_util.tree_leaves_with_path(state["params"])}
+  assert names == {"'lora_a']", "'lora_b']"}
+  extra = json.loads((step_dir / "extra" / "metadata").read_text())
+  assert extra["frozen_source"].startswith("the final SFT checkpoint") and len(extra["frozen_fingerprint"]) == 64
+
+
+def test_a_lora_and_kl_run_stopped_by_a_signal_resumes_to_the_same_records(knob_run, tmp_path, monkeypatch):
+  reference, _ = knob_run
+  workdir = tmp_path / "stopped"
+  seen = []  # SFT steps 1..300, then RL 1..; a signal during RL step 3.
+  monkeypatch.setattr(harness.StopSignals, "requested", lambda self, step: seen.append(step) or len(seen) == 300 + 3)
+  with pytest.raises(loop.Preempted, match="stopped at step 3"):
+    train.train_and_evaluate(_maze(**KNOBS), str(workdir))
+  monkeypatch.undo()
+  # Frozen weights re-derived wrongly are refused (here: another policy in place of the final SFT one).
+  from maxrl_jax.trainers import rl as rl_trainer  # pylint: disable=import-outside-toplevel
+  original = rl_trainer.RLTrainer._start_params
+  monkeypatch.setattr(rl_trainer.RLTrainer, "_start_params", lambda self, run, seed: jax.tree_util.tree_map(
+      lambda x: x * 1.0001, original(self, run, seed)))
+  with pytest.raises(ValueError, match="frozen weights .* that source changed since"):
+    train.train_and_evaluate(_maze(**KNOBS), str(workdir))
+  monkeypatch.undo()
+  train.train_and_evaluate(_maze(**KNOBS), str(workdir))
+  assert _records(workdir) == _records(reference)
+
+
+def test_a_population_whose_members_differ_in_the_kl_coefficient(tmp_path):
+  # Two objectives x two seeds with LoRA and mini-batches: each member's frozen base is its seed's SFT policy;
+  # the KL member reproduces its single run.
+  overrides = {k: v for k, v in KNOBS.items() if k not in ("rl.kl_coef", "rl.tis_cap")}
+  config = _maze(**overrides)
+  config.population.objectives = ("maxrl", "maxrl_kl: objective.name=maxrl, rl.kl_coef=0.05")
+  config.population.seeds = (0, 1)
+  summary = train.train_and_evaluate(config, str(tmp_path / "population"))
+  assert [m["name"] for m in summary["members"]] == ["maxrl/seed0", "maxrl/seed1", "maxrl_kl/seed0", "maxrl_kl/seed1"]
+  records = _records(tmp_path / "population")
+  member = population.members(config)[3]
+  single_dir = tmp_path / "single"
+  train.train_and_evaluate(member.config, str(single_dir))
+  mine = [r for r in records if r.get("member") == 3 and r["phase"] in ("rl", "eval")]
+  theirs = [r for r in _records(single_dir) if r["phase"] in ("rl", "eval")]
+  assert [(r["phase"], r["step"]) for r in mine] == [(r["phase"], r["step"]) for r in theirs]
+  for a, b in zip(mine, theirs):
+    for key in ("loss", "grad_norm", "kl", "clip_fraction", "entropy"):
+      if key in b:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=f"{b['step']} {key}")
+    for key in ("pass_rate", "generated_tokens", "optimizer_updates"):
+      if key in b:
+        assert a[key] == b[key], (b["step"], key)
+
+
+def _text(**overrides):
+  config = gsm8k_smollm2.get_config("tiny")
+  config.logging.tensorboard = False
+  config_fields.set_fields(config, overrides)
+  return config
+
+
+def test_tiny_text_with_knobs_and_the_merged_export(tmp_path):
+  config = _text(**{"rl.ppo_mini_batches": 2, "rl.importance_ratio": "sequence", "rl.kl_coef": 0.05,
+                    "rl.kl_in": "reward", "rl.kl_estimator": "k1", "model.lora_rank": 4})
+  workdir = tmp_path / "run"
+  summary = train.train_and_evaluate(config, str(workdir))
+  rl = [r for r in _records(workdir) if r["phase"] == "rl"]
+  assert rl and all(r["optimizer_updates"] == 2.0 and "kl" in r and "clip_fraction" in r for r in rl)
+  assert all(np.isfinite(r["loss"]) and r["logprob_mismatch"] < 1e-4 for r in rl)
+  assert "pass@1" in summary["eval"]
+  # The merged export is the adapted policy: its logits equal the base + adapters computed in factorized form.
+  from maxrl_jax.trainers import rl as rl_trainer  # pylint: disable=import-outside-toplevel
+  out = rl_trainer.export_merged_policy(config, str(workdir), str(tmp_path / "merged"))
+  model, exported = hf_loading.load_pretrained(out, dtype="float32")
+  assert os.path.exists(os.path.join(out, "tokenizer.json"))
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  raw = lambda phase, step: ocp.StandardCheckpointer().restore(str(workdir / "checkpoints" / phase / str(step) / "state"))
+  adapters = raw("rl", config.rl.steps)["params"]
+  base = raw("sft", config.sft.steps)["params"]
+  fns = decoder.DecoderFns(model.config)
+  tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, model.config.vocab_size)
+  adapted_fns, adapted = lora.policy(fns, base, adapters, lora.from_config(config.model), "factorized")
+  np.testing.assert_allclose(fns.forward(exported, tokens), adapted_fns.forward(adapted, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_the_knobs_benchmark_runs_at_toy_size(tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  out = tmp_path / "knobs.json"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, os.path.join(repo, "scripts", "bench_knobs.py"), "--model=tiny",
+                         "--num_prompts=4", "--num_samples=4", "--maze_size=5", "--new_tokens=6", "--lora_rank=2",
+                         "--repeats=1", f"--out={out}"], capture_output=True, text=True, timeout=900,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  report = json.loads(out.read_text())
+  variants = report["variants"]
+  assert set(variants) == {"plain", "ppo4", "kl", "lora_merged", "lora_factorized"}
+  assert variants["ppo4"]["optimizer_updates"] == 4 and variants["plain"]["step_over_plain"] == 1.0
+  assert variants["lora_merged"]["trainable_params"] < variants["plain"]["trainable_params"]
+  assert all(v["step"]["median_s"] > 0 and v["update"]["median_s"] > 0 for v in variants.values())
+
+
+def test_the_memory_plan_counts_lora_the_reference_and_mini_batches():
+  from maxrl_jax import memory_plan  # pylint: disable=import-outside-toplevel
+  from maxrl_jax.trainers import sizes  # pylint: disable=import-outside-toplevel
+
+  model = memory_plan.smollm2_360m()
+  work = memory_plan.Workload(16, 16, 512, 1024)
+  plain = memory_plan.estimate(model, work, micro_batch=(1, 4))
+  adapters = lora.LoraConfig(rank=16, base_dtype="bfloat16")
+  with_lora = memory_plan.estimate(model, work, micro_batch=(1, 4), lora=adapters)
+  trainable = lora.count_adapter_params(model, adapters)
+  # r (in + out) per projection: 32 layers x (q, k, v, o: E -> 15 x 64, 5 x 64, 5 x 64, E; gate, up, down: E <-> F).
+  e, f = 960, 2560
+  assert trainable == 16 * 32 * ((e + 960) + 2 * (e + 320) + (960 + e) + 3 * (e + f))
+  assert with_lora.optimizer == 8 * trainable < plain.optimizer / 40  # AdamW moments of the adapters only (2.4%)
+  assert with_lora.params == plain.params // 2 + 4 * trainable  # a bf16 base + float32 adapters
+  assert with_lora.total < plain.total
+  with_kl = memory_plan.estimate(model, work, micro_batch=(1, 4), reference=True, extra_logprobs=1)
+  assert with_kl.frozen == plain.params and with_kl.rollouts == plain.rollouts * 13 // 9
+  assert memory_plan.estimate(model, work, micro_batch=(1, 4), lora=adapters, reference=True).frozen == 0
+  # Mini-batches: an update's micro-batch divides the mini-batch's prompts.
+  config = gsm8k_smollm2.get_config("smoke")
+  config.rl.micro_batch_prompts = 0
+  config.rl.ppo_mini_batches = 4
+  config.rl.importance_ratio = "token"
+  choice = sizes.plan_memory(config, model, prompt_len=512, device_bytes=80 * memory_plan.GiB)
+  assert (config.rollout.num_prompts // 4) % choice.micro_batch[0] == 0

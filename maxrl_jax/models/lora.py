@@ -29,6 +29,7 @@ Config fields (a model block: configs/maze.py, configs/countdown.py, configs/gsm
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -147,12 +148,14 @@ def init_adapters(key: Array, params: PyTree, config: LoraConfig, dtype: Any = j
   return adapters
 
 
+@functools.lru_cache(maxsize=64)
 def count_adapter_params(model_config: decoder.DecoderConfig, config: LoraConfig) -> int:
   """Trainable parameters of the adapters: r (in + out) per targeted kernel (shapes only)."""
   shapes = decoder.param_shapes(model_config)
   return sum(config.rank * sum(_get(shapes, p + ("kernel",)).shape) for p in adapter_paths(shapes, config))
 
 
+@functools.lru_cache(maxsize=64)
 def targeted_kernel_params(model_config: decoder.DecoderConfig, config: LoraConfig) -> int:
   """Elements of the targeted base kernels (what a merged update forms a full-size gradient of)."""
   shapes = decoder.param_shapes(model_config)
