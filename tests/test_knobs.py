@@ -260,6 +260,16 @@ def test_mini_batches_and_epochs_are_successive_updates_on_whole_prompt_groups(t
   np.testing.assert_allclose(micro_metrics["clip_fraction"], metrics["clip_fraction"])
   with pytest.raises(ValueError, match="ppo_mini_batches=3 must divide the 4 prompts"):
     _update(tiny_model, batch, importance_ratio="token", ppo_mini_batches=3)
+  # Prompts split over 2 devices in blocks (0, 1 | 2, 3): mini-batch j takes the j-th of each block, (0, 2)
+  # then (1, 3), so every mini-batch is spread over all devices.
+  sharded, _ = _update(tiny_model, batch, importance_ratio="token", ppo_mini_batches=2, num_shards=2)
+  params = None
+  for rows in ([0, 2], [1, 3]):
+    pick = lambda x: jax.tree_util.tree_map(lambda a: a[jnp.asarray(rows)] if a.ndim else a, x)
+    manual, _ = _update(tiny_model, (prompts[jnp.asarray(rows)], pick(rollouts), rewards[jnp.asarray(rows)]),
+                        params=params, importance_ratio="token")
+    params = manual.params
+  _assert_close(sharded.params, params)
 
 
 def test_truncated_importance_sampling(tiny_model, batch):

@@ -9,7 +9,10 @@ Phases (each through the harness's step loop, checkpointed and resumed):
     eval       held-out pass@k of the policy RL starts from (RL step 0)
     rl         config.rl.steps on-policy steps: sample N rollouts per prompt -> verify -> advantages of the
                configured estimator (with Differential Smoothing, SELF, entropy bonus) -> one AdamW update
-               (maxrl_jax/rl/step.py), held-out evaluations every config.eval.every_steps and at the end
+               (maxrl_jax/rl/step.py), held-out evaluations every config.eval.every_steps and at the end;
+               optionally several clipped updates per step, TIS, a KL penalty to the policy RL starts from,
+               LoRA adapters on it (`validate_knobs`; their frozen weights beside the state, re-derived on
+               resume and checked against the fingerprint in every RL checkpoint)
 
 A task with an on-device verifier (maze, countdown) runs the whole RL step as one jitted function; a task
 verified on the host (language models) samples on the device in prompt chunks, verifies each chunk on the
@@ -19,7 +22,7 @@ A config with a `population` block trains the table of its members (objectives x
 program: their states stacked on a member axis, the same step functions vmapped (maxrl_jax/rl/population.py),
 one SFT policy per seed. Each member reproduces its single run.
 
-Keys: from config.seed, the streams init, sft_data, rl_data, rl_sampling and eval (`seed_keys`); a step's
+Keys: from config.seed, the streams init, sft_data, rl_data, rl_sampling, eval and lora (`seed_keys`); a step's
 data and sampling keys are `fold_in(stream, step)`, so a resumed run draws what an uninterrupted one does.
 
 Outputs (besides the harness's config.json, metrics.jsonl, checkpoints/, summary.json):
@@ -1212,6 +1215,20 @@ def expected_work(config: ml_collections.ConfigDict, task: tasks_base.TokenTask)
   work["RL steps"] = count(rl_steps)
   work["RL rollouts (steps x prompts x N)"] = f"{count(rollouts)} ({rl_steps} x {prompts} x {samples})"
   work["RL generated tokens, at most (rollouts x max_new_tokens)"] = count(rollouts * int(config.rollout.max_new_tokens))
+  mini_batches, epochs = int(config.rl.get("ppo_mini_batches", 1)), int(config.rl.get("ppo_epochs", 1))
+  if mini_batches * epochs > 1:
+    work["RL optimizer updates (steps x mini-batches x epochs)"] = (
+        f"{count(rl_steps * mini_batches * epochs)} ({rl_steps} x {mini_batches} x {epochs})")
+  options = [name for name, on in (
+      (f"{config.rl.get('importance_ratio', 'none')} ratio clipped to [1 - {config.rl.get('clip_low', 0.2)}, "
+       f"1 + {config.rl.get('clip_high', 0.2)}]", config.rl.get("importance_ratio", "none") != "none"),
+      (f"TIS cap {config.rl.get('tis_cap', 0.0)}", config.rl.get("tis_cap", 0.0)),
+      (f"KL {config.rl.get('kl_estimator', 'k3')} x {config.rl.get('kl_coef', 0.0)} in the "
+       f"{config.rl.get('kl_in', 'loss')} (one reference pass per step)", config.rl.get("kl_coef", 0.0)),
+      (f"LoRA rank {config.model.get('lora_rank', 0)} on {', '.join(config.model.get('lora_targets', ()))}",
+       config.model.get("lora_rank", 0))) if on]
+  if options:
+    work["RL options"] = "; ".join(options)
   every = int(config.eval.every_steps)
   evals = len({0, rl_steps} | (set(range(every, rl_steps + 1, every)) if every else set()))
   work["evaluations"] = f"{evals} (before RL, every {every} RL steps and at the end)"
