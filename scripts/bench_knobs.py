@@ -16,7 +16,8 @@ Variants (`maxrl_jax.rl.step` with one RLSpec / Hyper / Frozen each; everything 
 For each: the whole jitted RL step (sample P x N rollouts of exactly --new_tokens tokens, the maze verifier,
 advantages, update) and the update alone on fixed rollouts with fixed random rewards; compile time,
 XLA's temporary bytes of the compiled update (`memory_analysis()`), wall-clock and process CPU times (median of
---repeats runs after a warm-up), and the ratios to `plain`. The policy is the maze decoder of configs/maze.py
+--repeats rounds after a warm-up; each round times every variant once in turn, so that the load of a shared
+machine weighs on all alike), and the ratios to `plain`. The policy is the maze decoder of configs/maze.py
 (`--model=default`: 2 layers, hidden 128; `paper`: 4 layers, hidden 256), randomly initialised; the prompts
 are maze prompts. One JSON object is printed (and written to --out).
 """
@@ -70,19 +71,6 @@ def _load() -> list[float]:
   return [round(x, 2) for x in os.getloadavg()]
 
 
-def _timed(fn: Callable[[], Any], repeats: int) -> dict:
-  """`repeats` runs of fn (already warm): their wall-clock times, the median, process CPU time and the load."""
-  times, cpu_times, load_before = [], [], _load()
-  for _ in range(repeats):
-    start, cpu_start = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-    cpu_times.append(time.process_time() - cpu_start)
-  return {"times_s": [round(t, 4) for t in times], "median_s": round(statistics.median(times), 4),
-          "process_cpu_median_s": round(statistics.median(cpu_times), 4), "load_before": load_before,
-          "load_after": _load()}
-
-
 def _hardware() -> dict:
   cpu_model = platform.processor()
   try:
@@ -110,8 +98,10 @@ def variant_settings(name: str, base_spec: step_lib.RLSpec, base_hyper: step_lib
   raise ValueError(f"Unknown variant {name!r}.")
 
 
-def bench_variant(name, model_fns, params, grids, rewards, *, num_samples, new_tokens, repeats, lora_rank,
-                  mini_batches) -> dict:
+def prepare_variant(name, model_fns, params, grids, rewards, *, num_samples, new_tokens, lora_rank,
+                    mini_batches) -> tuple[dict, Callable[[], Any], Callable[[], Any]]:
+  """Compiles a variant's whole RL step and its update alone, runs each once (warm-up); returns (facts, step
+  call, update call)."""
   base_spec = step_lib.RLSpec(num_samples=num_samples, max_new_tokens=new_tokens, stop_tokens=(),
                               reduction="token_mean", grad_clip=1.0)
   base_hyper = step_lib.Hyper(learning_rate=1e-4, b1=0.9, b2=0.999, weight_decay=0.01)
@@ -128,24 +118,22 @@ def bench_variant(name, model_fns, params, grids, rewards, *, num_samples, new_t
   init = jax.jit(lambda p: step_lib.init_state(p, tx))
   temperature = jnp.float32(1.0)
   key = jax.random.key(_SEED.value + 2)
-  out: dict[str, Any] = {"optimizer_updates": spec.updates_per_step,
-                         "trainable_params": int(sum(x.size for x in jax.tree_util.tree_leaves(trainable)))}
+  facts: dict[str, Any] = {"optimizer_updates": spec.updates_per_step,
+                           "trainable_params": int(sum(x.size for x in jax.tree_util.tree_leaves(trainable)))}
 
   rl_step = jax.jit(lambda s, g, k, t, f: step_lib.rl_step(
       spec, model_fns, s, g, k, t, hyper, prompt_fn=maze.encode_prompts, verifier=maze.verify_groups,
       advantage_fn=advantage_fn, frozen=f), donate_argnums=0)
   start = time.perf_counter()
   compiled = rl_step.lower(init(trainable), grids, key, temperature, frozen).compile()
-  out["step_compile_s"] = round(time.perf_counter() - start, 2)
+  facts["step_compile_s"] = round(time.perf_counter() - start, 2)
   state = [init(trainable)]
-  keys = iter(jax.random.split(key, repeats + 1))
+  keys = [key]
 
   def step():
-    state[0], metrics = compiled(state[0], grids, next(keys), temperature, frozen)
+    keys[0] = jax.random.fold_in(keys[0], 1)
+    state[0], metrics = compiled(state[0], grids, keys[0], temperature, frozen)
     return metrics
-
-  jax.block_until_ready(step())  # Warm-up.
-  out["step"] = _timed(step, repeats)
 
   prompts = maze.encode_prompts(grids)
   policy_fns, policy = step_lib.sampling_policy(spec, model_fns, trainable, frozen)
@@ -155,19 +143,37 @@ def bench_variant(name, model_fns, params, grids, rewards, *, num_samples, new_t
                                                    advantage_fn=advantage_fn, frozen=f), donate_argnums=0)
   start = time.perf_counter()
   update_compiled = update.lower(init(trainable), rewards, frozen).compile()
-  out["update_compile_s"] = round(time.perf_counter() - start, 2)
+  facts["update_compile_s"] = round(time.perf_counter() - start, 2)
   analysis = update_compiled.memory_analysis()
   if analysis is not None:
-    out["update_temp_bytes"] = int(analysis.temp_size_in_bytes)
+    facts["update_temp_bytes"] = int(analysis.temp_size_in_bytes)
   ustate = [init(trainable)]
 
   def update_step():
     ustate[0], metrics = update_compiled(ustate[0], rewards, frozen)
     return metrics
 
-  jax.block_until_ready(update_step())  # Warm-up.
-  out["update"] = _timed(update_step, repeats)
-  return out
+  jax.block_until_ready(step())  # Warm-up.
+  jax.block_until_ready(update_step())
+  return facts, step, update_step
+
+
+def time_round_robin(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict]:
+  """`repeats` rounds, each timing every call once in turn, so that a load that drifts on a shared machine
+  weighs on every variant alike; per call: times, median, process CPU time, load before and after."""
+  times = {name: [] for name in calls}
+  cpu_times = {name: [] for name in calls}
+  load_before = _load()
+  for _ in range(repeats):
+    for name, fn in calls.items():
+      start, cpu_start = time.perf_counter(), time.process_time()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+      cpu_times[name].append(time.process_time() - cpu_start)
+  load_after = _load()
+  return {name: {"times_s": [round(t, 4) for t in times[name]], "median_s": round(statistics.median(times[name]), 4),
+                 "process_cpu_median_s": round(statistics.median(cpu_times[name]), 4),
+                 "load_before": load_before, "load_after": load_after} for name in calls}
 
 
 def main(argv):
@@ -186,10 +192,14 @@ def main(argv):
                 "prompt_len": _MAZE_SIZE.value * (_MAZE_SIZE.value + 1) + 4, "new_tokens": _NEW_TOKENS.value,
                 "lora_rank": _LORA_RANK.value, "ppo_mini_batches": _PPO_MINI_BATCHES.value, "repeats": _REPEATS.value},
       "variants": {}}
+  steps, updates = {}, {}
   for name in _VARIANTS.value:
-    report["variants"][name] = bench_variant(
+    report["variants"][name], steps[name], updates[name] = prepare_variant(
         name, model_fns, params, grids, rewards, num_samples=_NUM_SAMPLES.value, new_tokens=_NEW_TOKENS.value,
-        repeats=_REPEATS.value, lora_rank=_LORA_RANK.value, mini_batches=_PPO_MINI_BATCHES.value)
+        lora_rank=_LORA_RANK.value, mini_batches=_PPO_MINI_BATCHES.value)
+  for part, calls in (("step", steps), ("update", updates)):
+    for name, timing in time_round_robin(calls, _REPEATS.value).items():
+      report["variants"][name][part] = timing
   plain = report["variants"].get("plain")
   if plain:
     for name, result in report["variants"].items():

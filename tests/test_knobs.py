@@ -169,6 +169,13 @@ def test_lora_with_zero_b_is_the_base_model_and_the_two_forms_agree(tiny_model, 
   assert float(jnp.max(jnp.abs(q["lora_a"]))) == 0.0 and float(jnp.max(jnp.abs(q["lora_b"]))) > 0
   q = jax.grad(loss)(trained)["layers_0"]["self_attn"]["q_proj"]
   assert float(jnp.max(jnp.abs(q["lora_a"]))) > 0
+  # A bfloat16 base (stored in half): the merged float32 kernel at B = 0 is the rounded base kernel exactly.
+  half = lora.LoraConfig(rank=4, alpha=8.0, base_dtype="bfloat16")
+  stored = lora.cast_base(base, half)
+  assert stored["layers_0"]["mlp"]["up_proj"]["kernel"].dtype == jnp.bfloat16
+  merged_half = lora.merge(stored, adapters, half)["layers_0"]["mlp"]["up_proj"]["kernel"]
+  assert merged_half.dtype == jnp.float32
+  np.testing.assert_array_equal(merged_half, base["layers_0"]["mlp"]["up_proj"]["kernel"].astype(jnp.bfloat16))
 
 
 # ------------------------------------------------------------------------------------------------ the update
@@ -537,3 +544,15 @@ def test_the_memory_plan_counts_lora_the_reference_and_mini_batches():
   config.rl.importance_ratio = "token"
   choice = sizes.plan_memory(config, model, prompt_len=512, device_bytes=80 * memory_plan.GiB)
   assert (config.rollout.num_prompts // 4) % choice.micro_batch[0] == 0
+
+
+def test_tiny_countdown_with_every_knob(tmp_path):
+  from configs import countdown  # pylint: disable=import-outside-toplevel
+  config = countdown.get_config("tiny")
+  config.logging.tensorboard = False
+  config_fields.set_fields(config, {k: v for k, v in KNOBS.items() if k.startswith(("rl.ppo", "rl.imp", "rl.clip",
+                                                                                    "rl.tis", "rl.kl", "model."))})
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  rl = [r for r in _records(tmp_path / "run") if r["phase"] == "rl"]
+  assert rl and all(r["optimizer_updates"] == 4.0 and "kl" in r and np.isfinite(r["loss"]) for r in rl)
+  assert summary["task"] == "countdown" and "pass@1" in summary["eval"]

@@ -18,7 +18,7 @@ What is static and what is traced:
   micro-batching, the number of batch shards, whether SELF's greedy decode runs, the optimizer's clip and
   warm-up. A change recompiles.
 - `Hyper` holds the per-run hyperparameters: learning rate, Adam betas, weight decay, entropy bonus,
-  smoothing strength, SELF flag, and the index of the objective. A single run passes them as Python numbers
+  smoothing strength, SELF flag, KL coefficient, and the index of the objective. A single run passes them as Python numbers
   (constants in the compiled step: the exact arithmetic of a plain run); a population passes per-member
   arrays for those its members do not share and vmaps the very same functions (maxrl_jax/rl/population.py).
 
