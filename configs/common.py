@@ -95,8 +95,8 @@ def rollout(num_prompts: int, num_samples: int, max_new_tokens: int, temperature
 
 def rl(steps: int, learning_rate: float, *, b1: float = 0.9, b2: float = 0.999, weight_decay: float = 0.01,
        grad_clip: float = 1.0, warmup_steps: int = 0) -> ml_collections.ConfigDict:
-  """The RL phase: AdamW, one update per step (fully on-policy). Betas, weight decay and clip default to the
-  official code's (verl's actor defaults)."""
+  """The RL phase: AdamW, one update per step (fully on-policy) by default. Betas, weight decay and clip default
+  to the official code's (verl's actor defaults). Validated by maxrl_jax/trainers/rl.py (`validate_config`)."""
   block = ml_collections.ConfigDict()
   block.steps = steps
   block.learning_rate = learning_rate
@@ -109,7 +109,46 @@ def rl(steps: int, learning_rate: float, *, b1: float = 0.9, b2: float = 0.999, 
   # verified on the device; the most that fit the device's memory for language models (the memory plan).
   block.micro_batch_prompts = 0
   block.micro_batch_rollouts = 0
+  # Options from other RL libraries (docs/language_models.md: their names in TRL, verl and Tunix); each is
+  # off by default, and then the step is the plain on-policy update above.
+  # Several optimizer updates per sampled batch: the P prompts split into ppo_mini_batches mini-batches of
+  # whole prompt groups (micro-batching inside each), visited ppo_epochs times in a fixed order. One RL step
+  # stays one sampled batch; the records' optimizer_updates says how many updates it made.
+  block.ppo_mini_batches = 1
+  block.ppo_epochs = 1
+  # The importance ratio pi_theta / pi_sampling in the loss: "none" (-A log pi, on-policy; needs one update
+  # per step), "token" (PPO's clipped surrogate; DAPO with clip_high > clip_low) or "sequence" (GSPO: the
+  # length-normalised sequence ratio). Clipped to [1 - clip_low, 1 + clip_high]; records: clip_fraction.
+  block.importance_ratio = "none"
+  block.clip_low = 0.2
+  block.clip_high = 0.2  # DAPO's clip-higher: 0.28.
+  # Truncated importance sampling: each token's policy-gradient term times min(pi_learner / pi_sampler,
+  # tis_cap), for a sampler in lower precision or with stale weights (verl's tis_imp_ratio_cap, e.g. 2);
+  # 0: off. Records: tis_capped_fraction.
+  block.tis_cap = 0.0
+  # KL penalty to the frozen policy RL starts from (the SFT policy or the loaded checkpoint): 0: off (no
+  # reference pass). Estimator k1, k2 or k3 ("low_var_kl"); "loss": kl_coef x the estimate added to the loss
+  # (TRL's beta, verl's use_kl_loss), "reward": subtracted from each rollout's advantage (verl's
+  # use_kl_in_reward). Records: kl. Population members may differ in kl_coef.
+  block.kl_coef = 0.0
+  block.kl_estimator = "k3"
+  block.kl_in = "loss"
   return block
+
+
+def add_lora_fields(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """LoRA fields of a model block (maxrl_jax/models/lora.py), for the RL phase; off with lora_rank = 0."""
+  # Rank r of the adapters W + (alpha / r) A B on the target projections; 0: train all weights. The base
+  # stays frozen (stored once; optimizer state and checkpoints hold the adapters only); SFT, when it runs,
+  # trains all weights and its final policy is the base.
+  model.lora_rank = 0
+  model.lora_alpha = 16.0
+  model.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+  model.lora_base_dtype = ""  # "" keeps the parameters' dtype; "bfloat16" stores the frozen base in half.
+  # How the learner computes the adapted model: "merged" (W' formed once per update) or "factorized"
+  # (x W + (x A) B); sampling always uses merged weights. docs/benchmarks.md: which is faster.
+  model.lora_update = "merged"
+  return model
 
 
 def mesh() -> ml_collections.ConfigDict:

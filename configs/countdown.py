@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.model.qk_norm = False
   cfg.model.attention_bias = True
   cfg.model.dtype = "float32"
+  common.add_lora_fields(cfg.model)  # LoRA for the RL phase (lora_rank 0: off).
 
   # Supervised warm-up on canonical solutions (loss on response tokens only).
   cfg.sft = common.sft(steps=1200, batch_size=32, learning_rate=1e-3, b1=0.9, b2=0.95, weight_decay=0.01,

@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.model.max_positions = 0  # 0: data.max_prompt_tokens + the longest response.
   cfg.model.synthetic = ""  # "llama" | "qwen2" | "qwen3": write a tiny random checkpoint instead (tests).
   cfg.model.synthetic_overrides = ml_collections.ConfigDict()  # DecoderConfig fields of that checkpoint.
+  # LoRA for the RL phase (lora_rank 0: off): adapters on the checkpoint's frozen weights; export the merged
+  # policy with maxrl_jax.trainers.rl.export_merged_policy.
+  common.add_lora_fields(cfg.model)
 
   # Data: GSM8K-style JSONL / JSON / parquet files or directories, or "tfds:NAME" (prepared locally).
   cfg.data = ml_collections.ConfigDict()

@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.model.qk_norm = False
   cfg.model.attention_bias = True
   cfg.model.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators.
+  common.add_lora_fields(cfg.model)  # LoRA for the RL phase (lora_rank 0: off).
 
   # Supervised warm-up on BFS shortest paths (loss on response tokens only); 600 steps reach ~25% held-out
   # pass@1 at the default size, leaving room for RL.

@@ -255,6 +255,35 @@ def directory_digest(path: str) -> str:
   return digest.hexdigest()
 
 
+@jax.jit
+def _leaf_sums(leaves):
+  """Per leaf (sum of its bits, sum of its bits x (2 i + 1)), i the flat position, as uint32 mod 2^32."""
+  out = []
+  for x in leaves:
+    x = x.reshape(-1)
+    if x.dtype == jax.numpy.bool_:
+      bits = x.astype(jax.numpy.uint32)
+    else:
+      width = {1: jax.numpy.uint8, 2: jax.numpy.uint16, 4: jax.numpy.uint32}[x.dtype.itemsize]
+      bits = jax.lax.bitcast_convert_type(x, width).astype(jax.numpy.uint32)
+    odd = 2 * jax.numpy.arange(x.shape[0], dtype=jax.numpy.uint32) + 1
+    out.append(jax.numpy.stack([jax.numpy.sum(bits, dtype=jax.numpy.uint32),
+                                jax.numpy.sum(bits * odd, dtype=jax.numpy.uint32)]))
+  return out
+
+
+def tree_fingerprint(tree: Any) -> str:
+  """A SHA-256 over the paths, shapes, dtypes and exact values of an array tree's leaves, the same for any
+  sharding or device layout (the values enter as wrapping integer sums of their bits, which do not depend on
+  the order of the reduction). Used to check that frozen weights re-derived on resume are the ones a run
+  trained against (e.g. LoRA's base, the KL reference)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  sums = jax.device_get(_leaf_sums([leaf for _, leaf in flat])) if flat else []
+  items = [[jax.tree_util.keystr(path), list(leaf.shape), str(leaf.dtype), [int(v) for v in total]]
+           for (path, leaf), total in zip(flat, sums)]
+  return hashlib.sha256(json.dumps(items).encode()).hexdigest()
+
+
 def _identity_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
   keys = sorted(set(saved) | set(current))
   return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]

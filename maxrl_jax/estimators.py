@@ -96,6 +96,7 @@ __all__ = [
     "truncated_objective",
     "expected_weight",
     "policy_gradient_loss",
+    "reduce_tokens",
     "token_entropy",
     "per_prompt_gradient_norms",
     "REDUCTIONS",
@@ -898,6 +899,12 @@ def token_entropy(logits: Array) -> Array:
   """
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def reduce_tokens(values: Array, mask: Array, reduction: str) -> Array:
+  """A scalar from per-token values [..., T] under a loss reduction of REDUCTIONS (see policy_gradient_loss),
+  mask [..., T] selecting response tokens; equal groups (every rollout weighted alike)."""
+  return _reduce_tokens(values, mask, reduction, None, None)
 
 
 def _reduce_tokens(values, mask, reduction, group_ids, num_groups):

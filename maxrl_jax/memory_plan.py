@@ -17,6 +17,14 @@ Everything here is arithmetic on shapes (nothing is allocated or run). Sizes fol
 - State: parameters in `config.param_dtype` and AdamW's two moments (float32 here, as the parameters in
   every config of this project), split over the `fsdp` mesh axis leaf by leaf exactly as
   `maxrl_jax.sharding` does (the largest dimension the fsdp size divides; replicated when none does).
+- Options of the RL step (`estimate(lora=..., reference=..., extra_logprobs=...)`): with LoRA the
+  parameters are the frozen base (in `lora.base_dtype`) plus the float32 adapters, AdamW's moments and the
+  gradients those of the adapters only; the merged weights the sampler uses add one float32 copy of the
+  targeted kernels, and the "merged" update form its full-size gradient of them. A KL reference without LoRA
+  is one more copy of the parameters (`frozen`; with LoRA the base is the reference). The reference's
+  log-probs (and, with TIS and a ratio, the learner's own pre-update log-probs) add one float32 [P, N, M]
+  array each to the step's rollouts; their teacher-forced passes run one micro-batch at a time without
+  gradient, within the update's peak.
 - A mesh of data x fsdp devices splits prompts over both axes: each device samples cp / (data fsdp) prompts
   of a call and trains on mp / (data fsdp) prompts of a micro-batch.
 
@@ -47,6 +55,7 @@ import jax
 import numpy as np
 
 from maxrl_jax.models import decoder
+from maxrl_jax.models import lora as lora_lib
 
 GiB = 2**30
 
@@ -195,8 +204,10 @@ class MemoryPlan:
     rollouts: tokens / log-probs / masks of all rollouts of the step on this device.
     prefix_cache, suffix_cache, sampling_transient: the sampler, per call.
     gradients: float32 accumulator + one micro-batch's gradient (per device, sharded like the params).
-    gathered_params: a compute-dtype copy of the full weights (casts, FSDP all-gathers), per phase.
+    gathered_params: a compute-dtype copy of the full weights (casts, FSDP all-gathers), per phase; with
+      LoRA also the merged float32 targeted kernels.
     activations, logits: the update's micro-batch.
+    frozen: frozen weights beside the state (a KL reference copy of the parameters), per device.
   """
 
   config: decoder.DecoderConfig
@@ -216,10 +227,11 @@ class MemoryPlan:
   activations: int
   logits: int
   reserve: int
+  frozen: int = 0
 
   @property
   def state(self) -> int:
-    return self.params + self.optimizer
+    return self.params + self.optimizer + self.frozen
 
   @property
   def sampling_peak(self) -> int:
@@ -251,7 +263,7 @@ class MemoryPlan:
             "sampling_transient": g(self.sampling_transient), "gathered_params": g(self.gathered_params),
             "gradients": g(self.gradients), "activations": g(self.activations), "logits": g(self.logits),
             "reserve": g(self.reserve), "sampling_peak": g(self.sampling_peak), "update_peak": g(self.update_peak),
-            "total": g(self.total)},
+            **({"frozen": g(self.frozen)} if self.frozen else {}), "total": g(self.total)},
         "device_gib": None if self.device_bytes is None else g(self.device_bytes),
         "fits": self.fits,
     }
@@ -328,7 +340,8 @@ def update_bytes(config: decoder.DecoderConfig, prompts: int, rollouts: int, pro
 
 def estimate(config: decoder.DecoderConfig, workload: Workload, *, sample_chunk: tuple[int, int] | None = None,
              micro_batch: tuple[int, int] | None = None, mesh: tuple[int, int] = (1, 1),
-             device_bytes: int | None = None, reserve_bytes: int = 0, keep_scores: bool = True) -> MemoryPlan:
+             device_bytes: int | None = None, reserve_bytes: int = 0, keep_scores: bool = True,
+             lora: Any = None, reference: bool = False, extra_logprobs: int = 0) -> MemoryPlan:
   """Bytes per device of an RL step (see the module docstring for what is counted).
 
   Args:
@@ -341,6 +354,10 @@ def estimate(config: decoder.DecoderConfig, workload: Workload, *, sample_chunk:
     device_bytes: the budget per device (None: not checked).
     reserve_bytes: bytes set aside per device (runtime, libraries, fragmentation).
     keep_scores: see `update_bytes` (True: the decoder as implemented).
+    lora: a `maxrl_jax.models.lora.LoraConfig` when the RL state holds LoRA adapters (None: all weights).
+    reference: a KL reference policy is held beside the state (a copy of the parameters; none with LoRA).
+    extra_logprobs: float32 [P, N, M] arrays the step keeps beside the rollouts (reference and learner
+      log-probs).
   """
   data, fsdp = mesh
   shards = data * fsdp
@@ -359,13 +376,21 @@ def estimate(config: decoder.DecoderConfig, workload: Workload, *, sample_chunk:
   needs_copy = fsdp > 1 or np.dtype(config.dtype) != np.dtype(config.param_dtype)
   sample = sampling_bytes(config, cp // shards, cn, w.prompt_len, w.max_new_tokens)
   update = update_bytes(config, mp // shards, mn, w.prompt_len, w.max_new_tokens, keep_scores)
+  gathered = full_elements * _itemsize(config.dtype) if needs_copy else 0
+  params, trainable, gradients = param_elements * param_item, param_elements, param_elements * (4 + param_item)
+  if lora is not None:
+    base_item = _itemsize(lora.base_dtype or config.param_dtype)
+    trainable = lora_lib.count_adapter_params(config, lora)
+    targeted = lora_lib.targeted_kernel_params(config, lora) // max(fsdp, 1)
+    params = param_elements * base_item + trainable * 4
+    gradients = trainable * 8 + (targeted * _itemsize(config.dtype) if lora.update == "merged" else 0)
+    gathered += targeted * 4  # The merged targeted kernels.
   return MemoryPlan(
       config=config, workload=w, mesh=(data, fsdp), sample_chunk=(cp, cn), micro_batch=(mp, mn),
-      device_bytes=device_bytes, params=param_elements * param_item, optimizer=2 * 4 * param_elements,
-      rollouts=(w.num_prompts // shards) * w.num_rollouts * w.max_new_tokens * (4 + 4 + 1),
-      gradients=param_elements * (4 + param_item),
-      gathered_params=full_elements * _itemsize(config.dtype) if needs_copy else 0,
-      reserve=reserve_bytes, **sample, **update)
+      device_bytes=device_bytes, params=params, optimizer=2 * 4 * trainable,
+      rollouts=(w.num_prompts // shards) * w.num_rollouts * w.max_new_tokens * (4 + 4 + 1 + 4 * extra_logprobs),
+      gradients=gradients, gathered_params=gathered, reserve=reserve_bytes,
+      frozen=param_elements * param_item if reference and lora is None else 0, **sample, **update)
 
 
 def _divisors(n: int) -> list[int]:

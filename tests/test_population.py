@@ -73,7 +73,7 @@ def test_shared_hyperparameters_stay_constants_and_objectives_become_branches():
   config.population.objectives = ("maxrl", "grpo", "pkpo4: objective.name=pkpo, objective.k=4", GRPO_ALL)
   members = population.members(config)
   shared, varying = population.member_hyperparameters(members)
-  assert shared == {"b1": 0.9, "b2": 0.999, "weight_decay": 0.01}
+  assert shared == {"b1": 0.9, "b2": 0.999, "weight_decay": 0.01, "kl_coef": 0.0}
   np.testing.assert_allclose(varying["learning_rate"], [1e-4, 1e-4, 1e-4, 3e-4])
   np.testing.assert_array_equal(varying["self_filter"], [False, False, False, True])
   branches, index = population.advantage_branches(members)

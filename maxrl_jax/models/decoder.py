@@ -151,6 +151,7 @@ class DecoderConfig:
         Keys are the field names of this class; missing keys take the defaults (the maze policy). Dtypes may
         be strings ("bfloat16", "float32"). With `strict=True` unknown keys raise a ValueError (catches
         typos); with `strict=False` they are ignored (for blocks that also hold e.g. a checkpoint path).
+        The LoRA fields of a model block (`ADAPTER_FIELDS`, read by maxrl_jax/models/lora.py) are skipped.
         """
         if hasattr(config, "to_dict"):
             values = dict(config.to_dict())
@@ -159,7 +160,7 @@ class DecoderConfig:
         else:
             raise TypeError(f"Expected a ConfigDict or a mapping, got {type(config).__name__}.")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        unknown = sorted(set(values) - names - set(ADAPTER_FIELDS))
         if unknown and strict:
             raise ValueError(f"Unknown DecoderConfig keys {unknown}; known keys are {sorted(names)}.")
         return cls(**{k: v for k, v in values.items() if k in names})
@@ -172,6 +173,9 @@ class DecoderConfig:
         values["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
         return values
 
+
+# Fields of a config's model block that configure LoRA adapters (maxrl_jax/models/lora.py), not the decoder.
+ADAPTER_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_base_dtype", "lora_update")
 
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 

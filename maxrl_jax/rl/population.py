@@ -21,8 +21,8 @@ How one program trains them all:
   the branches of a `lax.switch` on the member's branch index (under vmap every branch's advantages are
   computed and the member's selected: they are [P, N] elementwise rules, negligible next to sampling).
 - Hyperparameters shared by every member stay Python constants (the single run's exact arithmetic); those
-  that differ (learning rate, Adam betas, weight decay, entropy bonus, smoothing strength, SELF) are
-  per-member arrays. SELF's greedy decode runs only when some member uses it.
+  that differ (learning rate, Adam betas, weight decay, entropy bonus, smoothing strength, SELF, the KL
+  coefficient) are per-member arrays. SELF's greedy decode runs only when some member uses it.
 - SFT runs once per distinct seed, with the single run's own jitted step; a member starts RL from its
   seed's SFT policy.
 
@@ -63,7 +63,7 @@ MEMBER_FIELDS = (
     "objective.name", "objective.order", "objective.k", "objective.zero_failed_groups", "objective.pkpo_form",
     "objective.cap_order_at_n", "objective.smoothing_std", "objective.reward_type", "objective.entropy_coef",
     "objective.smoothing_gamma", "objective.self_filter",
-    "rl.learning_rate", "rl.b1", "rl.b2", "rl.weight_decay",
+    "rl.learning_rate", "rl.b1", "rl.b2", "rl.weight_decay", "rl.kl_coef",
 )
 # Of those, the ones that become per-member arrays in the RL step when members differ in them.
 TRACED_FIELDS = tuple(step_lib.HYPER_FIELDS)
@@ -207,7 +207,9 @@ def distinct_seeds(population: Sequence[Member]) -> list[int]:
 
 def _value(config: ml_collections.ConfigDict, field: str) -> Any:
   group, name = field.split(".")
-  return config[group][name]
+  hyper_name = step_lib.HYPER_FIELDS.get(field)
+  default = step_lib.Hyper.__dataclass_fields__[hyper_name].default if hyper_name else None
+  return config[group].get(name, default)
 
 
 def advantage_branches(population: Sequence[Member]) -> tuple[list[tuple[str, dict]], np.ndarray]:

@@ -192,12 +192,14 @@ class StopSignals:
 
 @dataclasses.dataclass
 class Resumed:
-  """Where a launch starts: the phase and step of the checkpoint it restored, its state and pending metrics."""
+  """Where a launch starts: the phase and step of the checkpoint it restored, its state and pending metrics,
+  and the JSON fields the phase stored beside them (`run_phase(..., checkpoint_extra=...)`)."""
 
   phase: str
   step: int
   state: Any
   pending: list
+  extra: dict = dataclasses.field(default_factory=dict)
 
 
 class Run:
@@ -257,7 +259,8 @@ class Run:
       if found is not None:
         step, state, extra = found
         self.records = Records.resume(self.writer, extra.get("records"), f"{phase} step {step}")
-        return Resumed(phase, step, state, list(extra.get("pending") or []))
+        return Resumed(phase, step, state, list(extra.get("pending") or []),
+                       {k: v for k, v in extra.items() if k not in ("pending", "records", "identity")})
     self.records = Records.resume(self.writer, [], "the start")
     return None
 
@@ -292,15 +295,18 @@ class Run:
                                             file=sys.stderr, disable=False)
 
   def run_phase(self, phase: str, state: Any, step_fn, *, start: int, end: int, checkpoint: str | None = None,
-                desc: str | None = None, pending: Sequence[Mapping[str, Any]] | None = None, **kwargs) -> Any:
+                desc: str | None = None, pending: Sequence[Mapping[str, Any]] | None = None,
+                checkpoint_extra: Mapping[str, Any] | None = None, **kwargs) -> Any:
     """`loop.run_phase` with the run's intervals, records, checkpointer, progress bar and stop signals.
 
-    `checkpoint` names the checkpoint folder (default: the phase); other arguments go to loop.run_phase.
+    `checkpoint` names the checkpoint folder (default: the phase); `checkpoint_extra`, JSON fields stored in
+    every checkpoint of the phase (read back as `Resumed.extra`); other arguments go to loop.run_phase.
     """
     ckpt = self.checkpointer(checkpoint or phase)
 
     def save(step, state, unlogged):
-      ckpt.save(step, state, self.records.records, extra={"pending": unlogged} if unlogged else None)
+      extra = {**(checkpoint_extra or {}), **({"pending": unlogged} if unlogged else {})}
+      ckpt.save(step, state, self.records.records, extra=extra or None)
 
     return loop.run_phase(
         phase, state, step_fn, start=start, end=end, writer=self.records, save=save,

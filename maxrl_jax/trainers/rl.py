@@ -9,7 +9,10 @@ Phases (each through the harness's step loop, checkpointed and resumed):
     eval       held-out pass@k of the policy RL starts from (RL step 0)
     rl         config.rl.steps on-policy steps: sample N rollouts per prompt -> verify -> advantages of the
                configured estimator (with Differential Smoothing, SELF, entropy bonus) -> one AdamW update
-               (maxrl_jax/rl/step.py), held-out evaluations every config.eval.every_steps and at the end
+               (maxrl_jax/rl/step.py), held-out evaluations every config.eval.every_steps and at the end;
+               optionally several clipped updates per step, TIS, a KL penalty to the policy RL starts from,
+               LoRA adapters on it (`validate_knobs`; their frozen weights beside the state, re-derived on
+               resume and checked against the fingerprint in every RL checkpoint)
 
 A task with an on-device verifier (maze, countdown) runs the whole RL step as one jitted function; a task
 verified on the host (language models) samples on the device in prompt chunks, verifies each chunk on the
@@ -19,7 +22,7 @@ A config with a `population` block trains the table of its members (objectives x
 program: their states stacked on a member axis, the same step functions vmapped (maxrl_jax/rl/population.py),
 one SFT policy per seed. Each member reproduces its single run.
 
-Keys: from config.seed, the streams init, sft_data, rl_data, rl_sampling and eval (`seed_keys`); a step's
+Keys: from config.seed, the streams init, sft_data, rl_data, rl_sampling, eval and lora (`seed_keys`); a step's
 data and sampling keys are `fold_in(stream, step)`, so a resumed run draws what an uninterrupted one does.
 
 Outputs (besides the harness's config.json, metrics.jsonl, checkpoints/, summary.json):
@@ -44,6 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from maxrl_jax import checkpoints
 from maxrl_jax import estimators
 from maxrl_jax import inflight_sampling
 from maxrl_jax import plots
@@ -52,15 +56,17 @@ from maxrl_jax import sampling
 from maxrl_jax import sharding
 from maxrl_jax import workdir as workdir_lib
 from maxrl_jax.models import decoder
+from maxrl_jax.models import lora as lora_lib
 from maxrl_jax.rl import population as population_lib
 from maxrl_jax.rl import sft as sft_lib
 from maxrl_jax.rl import step as step_lib
+from maxrl_jax.rl import surrogates
 from maxrl_jax.tasks import base as tasks_base
 from maxrl_jax.trainers import harness
 from maxrl_jax.trainers import sizes as sizes_lib
 
-# The key streams of a seed, in the order they are folded from jax.random.key(seed).
-STREAMS = ("init", "sft_data", "rl_data", "rl_sampling", "eval")
+# The key streams of a seed, in the order they are folded from jax.random.key(seed) ("lora": the adapters' A).
+STREAMS = ("init", "sft_data", "rl_data", "rl_sampling", "eval", "lora")
 # Records fields of a population member.
 MEMBER_RECORD_FIELDS = ("member", "objective", "seed", "sweep")
 
@@ -109,6 +115,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if isinstance(k, bool) or int(k) != k or not 1 <= k <= config.eval.num_samples:
       fail("eval.ks", f"k={k} must be in [1, eval.num_samples={config.eval.num_samples}].")
   validate_objective(config)
+  validate_knobs(config)
   if config.sft.init_from and not os.path.isdir(os.path.join(config.sft.init_from, "checkpoints", "sft")):
     fail("sft.init_from", f"{config.sft.init_from!r} holds no SFT checkpoints (expected "
          f"{os.path.join(config.sft.init_from, 'checkpoints', 'sft')}); run its SFT first or set it to ''.")
@@ -132,6 +139,52 @@ def validate_objective(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.objective.self_filter: {objective.self_filter!r} must be True or False.")
 
 
+def validate_knobs(config: ml_collections.ConfigDict) -> None:
+  """The options from other RL libraries: rl.ppo_mini_batches / ppo_epochs, rl.importance_ratio and its clip,
+  rl.tis_cap, the KL penalty (rl.kl_coef / kl_estimator / kl_in) and LoRA (model.lora_*)."""
+  rl = config.rl
+
+  def fail(field, message):
+    raise ValueError(f"config.{field}: {message}")
+
+  for field in ("ppo_mini_batches", "ppo_epochs"):
+    value = rl.get(field, 1)
+    if isinstance(value, bool) or int(value) != value or value < 1:
+      fail(f"rl.{field}", f"{value!r} must be an integer >= 1 (1 and 1: one update per RL step).")
+  mini_batches, epochs = int(rl.get("ppo_mini_batches", 1)), int(rl.get("ppo_epochs", 1))
+  num_prompts = config.rollout.num_prompts
+  if num_prompts % mini_batches:
+    fail("rl.ppo_mini_batches", f"{mini_batches} must divide rollout.num_prompts={num_prompts} (a mini-batch "
+         "holds whole prompt groups).")
+  micro = rl.get("micro_batch_prompts", 0)
+  if micro and mini_batches > 1 and (num_prompts // mini_batches) % micro:
+    fail("rl.micro_batch_prompts", f"{micro} must divide the {num_prompts // mini_batches} prompts of a "
+         "mini-batch (rollout.num_prompts / rl.ppo_mini_batches).")
+  ratio = rl.get("importance_ratio", "none")
+  if ratio not in surrogates.IMPORTANCE_RATIOS:
+    fail("rl.importance_ratio", f"{ratio!r}; allowed: {list(surrogates.IMPORTANCE_RATIOS)}.")
+  if ratio == "none" and mini_batches * epochs > 1:
+    fail("rl.importance_ratio", f"'none' (the on-policy loss) makes one update per RL step, but "
+         f"rl.ppo_mini_batches x rl.ppo_epochs = {mini_batches * epochs}: set it to 'token' (PPO's clipped "
+         "ratio; DAPO with rl.clip_high > rl.clip_low) or 'sequence' (GSPO).")
+  if ratio != "none":
+    if not 0 <= rl.get("clip_low", 0.2) < 1:
+      fail("rl.clip_low", f"{rl.clip_low!r} must be in [0, 1) (the ratio's lower bound is 1 - clip_low).")
+    if not rl.get("clip_high", 0.2) >= 0:
+      fail("rl.clip_high", f"{rl.clip_high!r} must be >= 0 (the ratio's upper bound is 1 + clip_high).")
+  if not rl.get("tis_cap", 0.0) >= 0:
+    fail("rl.tis_cap", f"{rl.tis_cap!r} must be >= 0 (0: no truncated importance sampling; e.g. 2).")
+  if not rl.get("kl_coef", 0.0) >= 0:
+    fail("rl.kl_coef", f"{rl.kl_coef!r} must be >= 0 (0: no KL penalty).")
+  try:
+    surrogates.canonical_kl_estimator(rl.get("kl_estimator", "k3"))
+  except ValueError as e:
+    fail("rl.kl_estimator", str(e))
+  if rl.get("kl_in", "loss") not in surrogates.KL_PLACES:
+    fail("rl.kl_in", f"{rl.kl_in!r}; allowed: {list(surrogates.KL_PLACES)}.")
+  lora_lib.validate(config.model)
+
+
 def read_run_config(path: str) -> dict:
   """The config.json of a run directory (`sft.init_from`), or a ValueError naming the file."""
   config_path = os.path.join(path, "config.json")
@@ -149,13 +202,25 @@ def rl_spec(config: ml_collections.ConfigDict, task: tasks_base.TokenTask, mesh,
   """The static settings of a run's (or a population's, with `members`) RL step on `mesh`."""
   use_self = (any(m.config.objective.self_filter for m in members) if members
               else bool(config.objective.self_filter))
+  rl = config.rl
   return step_lib.RLSpec(
       num_samples=config.rollout.num_samples, max_new_tokens=config.rollout.max_new_tokens,
       stop_tokens=tuple(task.stop_tokens), pad_id=task.pad_id, reduction=config.objective.reduction,
       micro_batch_prompts=micro_batch[0], micro_batch_rollouts=micro_batch[1],
-      num_shards=sharding.num_batch_shards(mesh), use_self=use_self, grad_clip=config.rl.grad_clip,
-      warmup_steps=int(config.rl.get("warmup_steps", 0)),
-      lockstep_axis=population_lib.MEMBER_AXIS if members else None)
+      num_shards=sharding.num_batch_shards(mesh), use_self=use_self, grad_clip=rl.grad_clip,
+      warmup_steps=int(rl.get("warmup_steps", 0)),
+      lockstep_axis=population_lib.MEMBER_AXIS if members else None,
+      ppo_mini_batches=int(rl.get("ppo_mini_batches", 1)), ppo_epochs=int(rl.get("ppo_epochs", 1)),
+      importance_ratio=rl.get("importance_ratio", "none"), clip_low=float(rl.get("clip_low", 0.2)),
+      clip_high=float(rl.get("clip_high", 0.2)), tis_cap=float(rl.get("tis_cap", 0.0)),
+      kl_estimator=surrogates.canonical_kl_estimator(rl.get("kl_estimator", "k3")), kl_in=rl.get("kl_in", "loss"),
+      lora=lora_lib.from_config(config.model))
+
+
+def uses_kl(config: ml_collections.ConfigDict, members: Sequence[population_lib.Member] | None = None) -> bool:
+  """Whether some run of the program has a KL penalty (then the step needs the reference policy)."""
+  configs = [m.config for m in members] if members else [config]
+  return any(c.rl.get("kl_coef", 0.0) for c in configs)
 
 
 # ------------------------------------------------------------------------------------------------ programs
@@ -169,7 +234,8 @@ class Policy:
   params_sharding: Any
   sft_tx: Any
   sft_like: Any  # abstract SFT TrainState (restore target)
-  rl_like: Any  # abstract RL TrainState; stacked [K, ...] for a population
+  rl_like: Any  # abstract RL TrainState (with LoRA: of the adapters); stacked [K, ...] for a population
+  params_abstract: Any = None  # the policy's parameter shapes
 
 
 class RLTrainer:
@@ -251,9 +317,13 @@ class RLTrainer:
       rl_like = self.program.rl_abstract
     else:
       rl_tx = step_lib.rl_optimizer(step_lib.hyper_from_config(config), self.spec)
-      rl_like = harness.abstract_state(lambda p: step_lib.init_state(p, rl_tx), params_abstract,
+      trainable = params_abstract
+      if self.spec.lora is not None:  # The RL state holds the adapters only.
+        trainable = jax.eval_shape(lambda k: lora_lib.init_adapters(k, params_abstract, self.spec.lora,
+                                                                    model_config.param_dtype), jax.random.key(0))
+      rl_like = harness.abstract_state(lambda p: step_lib.init_state(p, rl_tx), trainable,
                                        shardings=state_shardings)
-    return Policy(model_fns, params_sharding, sft_tx, sft_like, rl_like)
+    return Policy(model_fns, params_sharding, sft_tx, sft_like, rl_like, params_abstract)
 
   def _spec(self, mesh, micro_batch=(None, None)) -> step_lib.RLSpec:
     return rl_spec(self.config, self.task, mesh, micro_batch, self.members)
@@ -261,7 +331,8 @@ class RLTrainer:
   def _plan_memory(self, mesh, model_config) -> sizes_lib.Sizes:
     return sizes_lib.plan(self.config, self.task, model_config, mesh,
                           members_per_group=(len(self.members) // mesh.shape[population_lib.MEMBER_AXIS]
-                                             if self.is_population else 1))
+                                             if self.is_population else 1),
+                          reference=uses_kl(self.config, self.members))
 
   # ---------------------------------------------------------------- training
 
@@ -284,12 +355,20 @@ class RLTrainer:
     sft_phases = [] if not config.sft.steps or config.sft.init_from else [
         (self._sft_checkpoint(s), policy.sft_like) for s in seeds]
     resumed = run.resume(sft_phases + [("rl", policy.rl_like)])
+    self.frozen, frozen_extra = None, None
     if resumed is not None and resumed.phase == "rl":
       rl_start, rl_state, pending = resumed.step, resumed.state, resumed.pending
+      if self._needs_frozen():  # Re-derived from their source, then checked against the checkpoint's record.
+        self._set_frozen([self._start_params(run, s) for s in seeds])
+        frozen_extra = self._frozen_record()
+        self._check_frozen(resumed, frozen_extra)
     else:
       params = [self._sft(run, s, resumed) for s in seeds]
       rl_state = self._init_rl(params)
       rl_start, pending = 0, []
+      if self._needs_frozen():
+        self._set_frozen(params)
+        frozen_extra = self._frozen_record()
       del params
     if self.task.host_verifier:
       runner = HostRunner(self, run)
@@ -304,7 +383,8 @@ class RLTrainer:
         "rl", rl_state, runner.step, start=rl_start, end=config.rl.steps, desc=f"RL ({objective})",
         pending=pending, evaluate=runner.evaluate, eval_every=config.eval.every_steps, evals=evals,
         throughput={"tokens_per_s": "generated_tokens"}, members=self._member_fields(),
-        annotate=lambda record, step: record.update(task.record_fields(step)), diagnose=self._diagnose)
+        annotate=lambda record, step: record.update(task.record_fields(step)), diagnose=self._diagnose,
+        checkpoint_extra=frozen_extra)
 
   def _diagnose(self, metrics) -> str | None:
     """Why an RL step's loss may be NaN: groups with rewards the objective refuses (its advantages are NaN)."""
@@ -359,10 +439,80 @@ class RLTrainer:
   def _init_rl(self, params: list):
     if self.is_population:
       stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *params)
-      return self.program.init_rl(stacked)
+      lora_keys = self.program.member_keys(self.keys, "lora") if self.spec.lora is not None else None
+      return self.program.init_rl(stacked, lora_keys)
     rl_tx = step_lib.rl_optimizer(step_lib.hyper_from_config(self.config), self.spec)
-    return jax.jit(lambda p: step_lib.init_state(p, rl_tx), out_shardings=harness.shardings_of(self.policy.rl_like))(
-        params[0])
+    out_shardings = harness.shardings_of(self.policy.rl_like)
+    if self.spec.lora is not None:  # Fresh adapters (B = 0: the policy RL starts from is the base itself).
+      key, lora_config = self.keys[self.config.seed]["lora"], self.spec.lora
+      like, dtype = self.policy.params_abstract, self.task.model_config().param_dtype
+      return jax.jit(lambda k: step_lib.init_state(lora_lib.init_adapters(k, like, lora_config, dtype), rl_tx),
+                     out_shardings=out_shardings)(key)
+    return jax.jit(lambda p: step_lib.init_state(p, rl_tx), out_shardings=out_shardings)(params[0])
+
+  # ---------------------------------------------------------------- frozen weights (LoRA base, KL reference)
+
+  def _needs_frozen(self) -> bool:
+    return self.spec.lora is not None or uses_kl(self.config, self.members)
+
+  def _start_params(self, run: harness.Run, seed: int):
+    """The parameters RL started from for `seed`, re-derived on resume: the final SFT checkpoint (this run's
+    or sft.init_from's), or the task's initial parameters (the init key; a text task's checkpoint)."""
+    config, policy = self.config, self.policy
+    if config.sft.init_from:
+      return run.restore_final("sft", policy.sft_like, workdir=config.sft.init_from).params
+    if not config.sft.steps:
+      return self.task.init_params(self.keys[seed]["init"], policy.params_sharding)
+    return run.restore_final(self._sft_checkpoint(seed), policy.sft_like).params
+
+  def _frozen_source(self) -> str:
+    config = self.config
+    if config.sft.init_from:
+      return f"the final SFT policy of config.sft.init_from={config.sft.init_from!r}"
+    if config.sft.steps:
+      return "the final SFT checkpoint of this run (checkpoints/" + (
+          "sft_seed<s>" if self.is_population else "sft") + ")"
+    path = config.model.get("path", "")
+    return f"the task's initial parameters ({'model.path=' + repr(path) if path else 'the init key of config.seed'})"
+
+  def _set_frozen(self, params: list) -> None:
+    """The frozen weights of RL from the parameters it starts from (one per seed): LoRA's base (in
+    model.lora_base_dtype) or the KL reference (those parameters themselves)."""
+    lora_config = self.spec.lora
+    if lora_config is not None:
+      cast = jax.jit(lambda p: lora_lib.cast_base(p, lora_config), out_shardings=self.policy.params_sharding)
+      frozen = [step_lib.Frozen(base=cast(p)) for p in params]
+    else:
+      frozen = [step_lib.Frozen(reference=p) for p in params]
+    if self.is_population:
+      self.frozen = self.program.set_frozen(frozen)
+    else:
+      self.frozen = frozen[0]
+    self._policy_params = None
+
+  def _frozen_record(self) -> dict:
+    return {"frozen_fingerprint": checkpoints.tree_fingerprint(self.frozen), "frozen_source": self._frozen_source()}
+
+  def _check_frozen(self, resumed: harness.Resumed, record: dict) -> None:
+    saved = resumed.extra.get("frozen_fingerprint")
+    if saved is not None and saved != record["frozen_fingerprint"]:
+      raise checkpoints.CheckpointError(
+          f"The RL checkpoint of step {resumed.step} was trained against frozen weights (LoRA's base or the KL "
+          f"reference) from {resumed.extra.get('frozen_source', record['frozen_source'])}, fingerprint "
+          f"{saved[:12]}...; re-deriving them now gives {record['frozen_fingerprint'][:12]}... from "
+          f"{record['frozen_source']}: that source changed since. Restore it, or start over in a new --workdir.")
+
+  def policy_params(self, state):
+    """The parameters the sampler and the evaluation use: state.params, or with LoRA the merged weights."""
+    if self.spec.lora is None:
+      return state.params
+    if self.is_population:
+      return self.program.policy_params(state.params)
+    if getattr(self, "_policy_params", None) is None:
+      spec, fns = self.spec, self.policy.model_fns
+      self._policy_params = jax.jit(lambda a, f: step_lib.sampling_policy(spec, fns, a, f)[1],
+                                    out_shardings=self.policy.params_sharding)
+    return self._policy_params(state.params, self.frozen)
 
   # ---------------------------------------------------------------- results
 
@@ -475,11 +625,12 @@ class DeviceRunner:
     self.rl_step = step_lib.make_rl_step(
         trainer.spec, policy.model_fns, hyper, prompt_fn=task.prompts, verifier=task.verify,
         advantage_fn=step_lib.single_advantage_fn(config.objective), state_sharding=rl_sharding,
-        batch_sharding=batch_sharding)
+        batch_sharding=batch_sharding, frozen=trainer.frozen)
     self.rl_batch = jax.jit(task.rl_batch, out_shardings=batch_sharding)
     self.counts_fn = step_lib.make_eval_counts(
         trainer.spec, policy.model_fns, num_samples=config.eval.num_samples, prompt_fn=task.prompts,
-        verifier=task.verify, params_sharding=rl_sharding.params, batch_sharding=batch_sharding)
+        verifier=task.verify, batch_sharding=batch_sharding,
+        params_sharding=rl_sharding.params if trainer.spec.lora is None else policy.params_sharding)
 
   def step(self, state, step: int):
     if self.trainer.is_population:
@@ -489,7 +640,7 @@ class DeviceRunner:
 
   def evaluate(self, state, step: int) -> list[dict]:
     del step
-    params = state.params
+    params = self.trainer.policy_params(state)
     task, num_samples = self.task, self.config.eval.num_samples
     if self.trainer.is_population:
       counts = [self.counts_fn(params, batch, self._eval_keys, jnp.int32(offset), self.eval_temperature)
@@ -525,8 +676,16 @@ class PopulationProgram:
     self.seed_index = np.asarray([seeds.index(m.seed) for m in members], np.int32)
     params_like = jax.eval_shape(model_fns.init, jax.random.key(0))
     stacked = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((len(seeds),) + x.shape, x.dtype), params_like)
-    rl_like = jax.eval_shape(self._init_rl, stacked, self.hyper)
+    self.params_like = params_like
+    lora_keys = None if spec.lora is None else jnp.stack([jax.random.key(0)] * len(members))
+    rl_like = jax.eval_shape(self._init_rl, stacked, self.hyper, lora_keys)
     self.rl_sharding = population_lib.stacked_shardings(rl_like, mesh, param_rules)
+    self.param_rules = param_rules
+    self.frozen_member = self.frozen_shared = None  # set_frozen
+    # The members' policies as the sampler takes them [K, ...] (with LoRA: merged weights, not the state's).
+    self.policy_sharding = self.rl_sharding.params if spec.lora is None else population_lib.stacked_shardings(
+        jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((len(members),) + x.shape, x.dtype), params_like),
+        mesh, param_rules)
     self.rl_abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                               rl_like, self.rl_sharding)
     groups = mesh.shape[population_lib.MEMBER_AXIS]
@@ -541,14 +700,43 @@ class PopulationProgram:
     """[K] keys of a stream, each member's from its seed, on the member axis."""
     return jax.device_put(jnp.stack([keys[m.seed][stream] for m in self.members]), self.member_values)
 
-  def _init_rl(self, sft_params, hp):
+  def _init_rl(self, sft_params, hp, lora_keys=None):
+    spec = self.spec
+    optimizer = lambda h: step_lib.rl_optimizer(self.member_hyper(h), spec)
+    if spec.lora is not None:  # Each member's adapters from its seed's "lora" key, as its single run's.
+      dtype = self.model_fns.config.param_dtype
+      return jax.vmap(lambda k, h: step_lib.init_state(
+          lora_lib.init_adapters(k, self.params_like, spec.lora, dtype), optimizer(h)))(lora_keys, hp)
     params = jax.tree_util.tree_map(lambda x: x[self.seed_index], sft_params)  # Each member's seed's policy.
-    return jax.vmap(lambda p, h: step_lib.init_state(p, step_lib.rl_optimizer(self.member_hyper(h), self.spec)))(
-        params, hp)
+    return jax.vmap(lambda p, h: step_lib.init_state(p, optimizer(h)))(params, hp)
 
-  def init_rl(self, sft_params):
-    """The stacked RL state from the SFT parameters stacked over distinct seeds [S, ...]."""
-    return jax.jit(self._init_rl, out_shardings=self.rl_sharding)(sft_params, self.hyper)
+  def init_rl(self, sft_params, lora_keys=None):
+    """The stacked RL state from the SFT parameters stacked over distinct seeds [S, ...] (with LoRA: fresh
+    adapters from the members' keys [K], `member_keys(keys, "lora")`)."""
+    return jax.jit(self._init_rl, out_shardings=self.rl_sharding)(sft_params, self.hyper, lora_keys)
+
+  def set_frozen(self, per_seed: Sequence[step_lib.Frozen]) -> Any:
+    """Places the frozen weights (one `step_lib.Frozen` per distinct seed): shared by every member (not
+    batched) with one seed, else one copy per member [K, ...] on the member axis. Returns what was placed."""
+    if len(per_seed) == 1:
+      self.frozen_shared, self.frozen_member = per_seed[0], None
+      return self.frozen_shared
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs)[self.seed_index], *per_seed)
+    shardings = population_lib.stacked_shardings(stacked, self.mesh, self.param_rules)
+    self.frozen_shared, self.frozen_member = None, jax.device_put(stacked, shardings)
+    return self.frozen_member
+
+  def _frozen_of(self, member_part, shared_part):
+    return shared_part if member_part is None else member_part
+
+  def policy_params(self, adapters):
+    """[K] policies the sampler and the evaluation use (with LoRA: each member's merged weights)."""
+    spec, fns = self.spec, self.model_fns
+    if not hasattr(self, "_merge"):
+      merge = lambda a, f: step_lib.sampling_policy(spec, fns, a, f)[1]
+      self._merge = jax.jit(lambda a, fm, fs: jax.vmap(merge, in_axes=(0, 0 if fm is not None else None))(
+          a, self._frozen_of(fm, fs)), out_shardings=self.policy_sharding)
+    return self._merge(adapters, self.frozen_member, self.frozen_shared)
 
   def _vmapped(self, member_fn, num_member_args: int):
     """member_fn vmapped over members (the first `num_member_args` arguments), in chunks of `self.chunk`
@@ -583,17 +771,21 @@ class PopulationProgram:
     task, spec, model_fns = self.task, self.spec, self.model_fns
     rep = sharding.replicated(self.mesh)
 
-    def member_step(state, data_key, sampling_key, hp, step, temperature):
+    def member_step(state, data_key, sampling_key, hp, frozen_member, step, temperature, frozen_shared):
       return step_lib.rl_step(spec, model_fns, state, task.rl_batch(data_key, step),
                               jax.random.fold_in(sampling_key, step), temperature, self.member_hyper(hp),
-                              prompt_fn=task.prompts, verifier=task.verify, advantage_fn=self.advantage)
+                              prompt_fn=task.prompts, verifier=task.verify, advantage_fn=self.advantage,
+                              frozen=self._frozen_of(frozen_member, frozen_shared))
 
-    fn = self._vmapped(member_step, 4)
+    fn = self._vmapped(member_step, 5)
     values = self.member_values
-    jitted = jax.jit(fn, donate_argnums=0, in_shardings=(self.rl_sharding, values, values, values, rep, rep),
+    frozen_member, frozen_shared = self.frozen_member, self.frozen_shared
+    jitted = jax.jit(fn, donate_argnums=0,
+                     in_shardings=(self.rl_sharding, values, values, values, _shardings(frozen_member), rep, rep,
+                                   _shardings(frozen_shared)),
                      out_shardings=(self.rl_sharding, rep))
     return lambda state, data_keys, sampling_keys, step, temperature: jitted(
-        state, data_keys, sampling_keys, self.hyper, step, temperature)
+        state, data_keys, sampling_keys, self.hyper, frozen_member, step, temperature, frozen_shared)
 
   def make_device_eval(self):
     """Jitted `counts(params [K], batch, eval_keys [K], offset, temperature) -> [K, P]` correct counts."""
@@ -609,7 +801,7 @@ class PopulationProgram:
                                             verifier=task.verify),
           axis_name=population_lib.MEMBER_AXIS)(params, member_keys)
 
-    return jax.jit(counts, in_shardings=(self.rl_sharding.params, batch_sharding, self.member_values, rep, rep),
+    return jax.jit(counts, in_shardings=(self.policy_sharding, batch_sharding, self.member_values, rep, rep),
                    out_shardings=rep)
 
   # -------------------------------------------------------------- host-verified tasks
@@ -630,19 +822,27 @@ class PopulationProgram:
     """Jitted `update(state [K], prompts, rollouts, rewards, greedy_correct | None, temperature)`."""
     spec, model_fns = self.spec, self.model_fns
 
-    def member_update(state, prompts, rollouts, rewards, greedy_correct, hp, temperature):
+    def member_update(state, prompts, rollouts, rewards, greedy_correct, hp, frozen_member, temperature,
+                      frozen_shared):
       hyper = self.member_hyper(hp)
       zero = step_lib.self_zero_prompts(hyper, greedy_correct)
       new_state, metrics = step_lib.update(spec, model_fns, state, prompts, rollouts, rewards, temperature, hyper,
-                                           advantage_fn=self.advantage, zero_prompts=zero)
+                                           advantage_fn=self.advantage, zero_prompts=zero,
+                                           frozen=self._frozen_of(frozen_member, frozen_shared))
       if zero is not None:
         metrics["greedy_solved_fraction"] = jnp.mean(zero.astype(jnp.float32))
       return new_state, metrics
 
-    fn = self._vmapped(member_update, 6)
+    fn = self._vmapped(member_update, 7)
     jitted = jax.jit(fn, donate_argnums=0)
+    frozen_member, frozen_shared = self.frozen_member, self.frozen_shared
     return lambda state, prompts, rollouts, rewards, greedy_correct, temperature: jitted(
-        state, prompts, rollouts, rewards, greedy_correct, self.hyper, temperature)
+        state, prompts, rollouts, rewards, greedy_correct, self.hyper, frozen_member, temperature, frozen_shared)
+
+
+def _shardings(tree):
+  """The shardings of a tree of device arrays (None for None)."""
+  return None if tree is None else jax.tree_util.tree_map(lambda x: x.sharding, tree)
 
 
 # ------------------------------------------------------------------------------------------------ host tasks
@@ -713,10 +913,10 @@ class HostRunner:
       return
     hyper = step_lib.hyper_from_config(config)
     rl_sharding = harness.shardings_of(policy.rl_like)
-    self.params_sharding = rl_sharding.params
+    self.params_sharding = rl_sharding.params if trainer.spec.lora is None else policy.params_sharding
     self.update_fn = step_lib.make_update(
         trainer.spec, policy.model_fns, hyper, advantage_fn=step_lib.single_advantage_fn(config.objective),
-        state_sharding=rl_sharding, batch_sharding=self.batch_sharding)
+        state_sharding=rl_sharding, batch_sharding=self.batch_sharding, frozen=trainer.frozen)
 
   # -------------------------------------------------------------- sampling
 
@@ -772,7 +972,7 @@ class HostRunner:
     rewards = [[] for _ in members]
     stats = []
     parts = []
-    params = state.params
+    params = trainer.policy_params(state)
 
     def dispatch(c, greedy):
       rows = slice(c * chunk, (c + 1) * chunk)
@@ -837,7 +1037,7 @@ class HostRunner:
   # -------------------------------------------------------------- evaluation
 
   def evaluate(self, state, step: int) -> list[dict]:
-    params = state.params
+    params = self.trainer.policy_params(state)
     trainer, task = self.trainer, self.task
     final = step in (0, self.config.rl.steps)
     if not trainer.is_population:
@@ -1018,6 +1218,20 @@ def expected_work(config: ml_collections.ConfigDict, task: tasks_base.TokenTask)
   work["RL steps"] = count(rl_steps)
   work["RL rollouts (steps x prompts x N)"] = f"{count(rollouts)} ({rl_steps} x {prompts} x {samples})"
   work["RL generated tokens, at most (rollouts x max_new_tokens)"] = count(rollouts * int(config.rollout.max_new_tokens))
+  mini_batches, epochs = int(config.rl.get("ppo_mini_batches", 1)), int(config.rl.get("ppo_epochs", 1))
+  if mini_batches * epochs > 1:
+    work["RL optimizer updates (steps x mini-batches x epochs)"] = (
+        f"{count(rl_steps * mini_batches * epochs)} ({rl_steps} x {mini_batches} x {epochs})")
+  options = [name for name, on in (
+      (f"{config.rl.get('importance_ratio', 'none')} ratio clipped to [1 - {config.rl.get('clip_low', 0.2)}, "
+       f"1 + {config.rl.get('clip_high', 0.2)}]", config.rl.get("importance_ratio", "none") != "none"),
+      (f"TIS cap {config.rl.get('tis_cap', 0.0)}", config.rl.get("tis_cap", 0.0)),
+      (f"KL {config.rl.get('kl_estimator', 'k3')} x {config.rl.get('kl_coef', 0.0)} in the "
+       f"{config.rl.get('kl_in', 'loss')} (one reference pass per step)", config.rl.get("kl_coef", 0.0)),
+      (f"LoRA rank {config.model.get('lora_rank', 0)} on {', '.join(config.model.get('lora_targets', ()))}",
+       config.model.get("lora_rank", 0))) if on]
+  if options:
+    work["RL options"] = "; ".join(options)
   every = int(config.eval.every_steps)
   evals = len({0, rl_steps} | (set(range(every, rl_steps + 1, every)) if every else set()))
   work["evaluations"] = f"{evals} (before RL, every {every} RL steps and at the end)"
@@ -1050,6 +1264,72 @@ def load_sft_params(config: ml_collections.ConfigDict, workdir: str, phase: str 
   if found is None:
     raise ValueError(f"{workdir} holds no {phase!r} checkpoint; run its SFT phase first.")
   return model_fns, found[1].params
+
+
+def export_merged_policy(config: ml_collections.ConfigDict, workdir: str, path: str, *,
+                         architecture: str | None = None) -> str:
+  """Writes the newest RL policy of a single run in `workdir` as a Hugging Face checkpoint at `path`.
+
+  With LoRA (config.model.lora_rank > 0) the adapters of the RL checkpoint are merged into the base they were
+  trained on (W + (alpha / r) A B, `models/lora.merge`), which is re-derived as the trainer does (the final SFT
+  checkpoint, sft.init_from's, or the task's initial parameters) and checked against the checkpoint's
+  fingerprint. Tensors are written in model.param_dtype through `hf_loading.save_pretrained`; the text task's
+  tokenizer and chat-template files are copied beside them. `architecture`: "llama" | "qwen2" | "qwen3"
+  (default: the text task's checkpoint's; "qwen2" otherwise). Returns `path`.
+  """
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  from maxrl_jax.models import hf_loading  # pylint: disable=import-outside-toplevel
+
+  task = tasks_base.make_task(config)
+  task.prepare(workdir)
+  try:
+    model_config = task.model_config()
+    fns = decoder.DecoderFns(model_config)
+    spec = step_lib.RLSpec(num_samples=1, max_new_tokens=1, stop_tokens=(), lora=lora_lib.from_config(config.model))
+    params_like = jax.eval_shape(fns.init, jax.random.key(0))
+    trainable = params_like if spec.lora is None else jax.eval_shape(
+        lambda k: lora_lib.init_adapters(k, params_like, spec.lora, model_config.param_dtype), jax.random.key(0))
+    tx = step_lib.rl_optimizer(step_lib.hyper_from_config(config), spec)
+    like = jax.eval_shape(lambda p: step_lib.init_state(p, tx), trainable)
+    found = _restore_latest(workdir, "rl", like)
+    if found is None:
+      raise ValueError(f"{workdir} holds no RL checkpoint to export; train it first.")
+    _, state, extra = found
+    params = state.params
+    if spec.lora is not None:
+      if config.sft.init_from or config.sft.steps:
+        source = config.sft.init_from or workdir
+        sft_like = jax.eval_shape(lambda p: step_lib.init_state(p, sft_lib.optimizer(config.sft)), params_like)
+        start = _restore_latest(source, "sft", sft_like)[1].params
+      else:
+        start = task.init_params(seed_keys(config.seed)["init"], None)
+      base = lora_lib.cast_base(start, spec.lora)
+      saved = extra.get("frozen_fingerprint")
+      if saved is not None and saved != checkpoints.tree_fingerprint(step_lib.Frozen(base=base)):
+        raise checkpoints.CheckpointError(f"The base re-derived for {workdir} is not the one its adapters were "
+                                          f"trained on ({extra.get('frozen_source')} changed since).")
+      params = lora_lib.merge(base, params, spec.lora)
+    params = jax.tree_util.tree_map(lambda x: x.astype(model_config.param_dtype), params)
+    model_path = getattr(task, "model_path", "")
+    if architecture is None:
+      architecture = (hf_loading.architecture_of(hf_loading.read_hf_config(model_path)) if model_path else "qwen2")
+    hf_loading.save_pretrained(path, model_config, params, architecture=architecture)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "chat_template.jinja"):
+      if model_path and os.path.exists(os.path.join(model_path, name)):
+        shutil.copy(os.path.join(model_path, name), os.path.join(path, name))
+  finally:
+    task.close()
+  return path
+
+
+def _restore_latest(workdir: str, phase: str, like):
+  source = checkpoints.PhaseCheckpointer(workdir, phase)
+  try:
+    return source.restore_latest(like)
+  finally:
+    source.close()
 
 
 def make_trainer(config: ml_collections.ConfigDict, task: tasks_base.TokenTask) -> RLTrainer:

@@ -19,6 +19,7 @@ import ml_collections
 from maxrl_jax import memory_plan
 from maxrl_jax import sharding
 from maxrl_jax.models import decoder
+from maxrl_jax.models import lora as lora_lib
 
 # Batch sizes that may be 0 in a config: then chosen from the memory plan (`plan_memory`).
 AUTO_SIZES = ("rollout.prompt_chunk", "rl.micro_batch_prompts", "rl.micro_batch_rollouts")
@@ -64,6 +65,17 @@ def _divisors(n: int) -> list[int]:
   return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def step_options(config: ml_collections.ConfigDict, reference: bool | None = None) -> dict:
+  """`memory_plan.estimate`'s options of a run's RL step: LoRA adapters, a KL reference copy of the weights,
+  the extra [P, N, M] log-prob arrays (reference; learner's own with TIS and a ratio). `reference` (default:
+  config.rl.kl_coef != 0) is whether some run of the program uses KL."""
+  rl = config.rl
+  reference = bool(rl.get("kl_coef", 0.0)) if reference is None else reference
+  learner = bool(rl.get("tis_cap", 0.0)) and rl.get("importance_ratio", "none") != "none"
+  return {"lora": lora_lib.from_config(config.model), "reference": reference,
+          "extra_logprobs": int(reference) + int(learner)}
+
+
 def _by_size(options: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
   """(prompts, rollouts) pairs, most rollouts first, fewest prompts among equals."""
   return sorted(options, key=lambda pn: (-pn[0] * pn[1], pn[0]))
@@ -71,7 +83,7 @@ def _by_size(options: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def plan_memory(config: ml_collections.ConfigDict, model_config: decoder.DecoderConfig, *, prompt_len: int,
                 mesh_shape: tuple[int, int] = (1, 1), device_bytes: int | None = None,
-                enforce: bool = True) -> MemoryChoice:
+                enforce: bool = True, reference: bool | None = None) -> MemoryChoice:
   """Chooses or checks the sampling call and update micro-batch sizes against a per-device memory budget.
 
   The workload is the config's worst case: P = rollout.num_prompts prompts x N = rollout.num_samples
@@ -91,6 +103,10 @@ def plan_memory(config: ml_collections.ConfigDict, model_config: decoder.Decoder
     mesh_shape: (data, fsdp) devices; prompts are split over both, parameters over fsdp.
     device_bytes: the budget per device in bytes, or None.
     enforce: raise when over the budget (else the result's `over_budget` says what does not fit).
+    reference: whether some run of the program holds a KL reference (default: config.rl.kl_coef != 0).
+
+  With rl.ppo_mini_batches > 1 an update's micro-batch is chosen among the divisors of the mini-batch's
+  P / ppo_mini_batches prompts; LoRA and the KL reference are counted as `step_options` says.
 
   Returns:
     `MemoryChoice`. With `enforce`, raises a ValueError naming each part that does not fit, its bytes, and
@@ -102,7 +118,10 @@ def plan_memory(config: ml_collections.ConfigDict, model_config: decoder.Decoder
   num_prompts, num_samples, prompt_len = r.num_prompts, r.num_samples, prompt_len
   workload = memory_plan.Workload(num_prompts, num_samples, prompt_len, r.max_new_tokens)
   reserve = int(config.memory.reserve_bytes) if device_bytes else 0
+  options = step_options(config, reference)
   prompt_options = [p for p in _divisors(num_prompts) if p % shards == 0]
+  mini_prompts = num_prompts // int(config.rl.get("ppo_mini_batches", 1))
+  micro_prompt_options = [p for p in prompt_options if mini_prompts % p == 0]
   if not prompt_options:
     raise ValueError(f"config.rollout.num_prompts={num_prompts} does not split over the {shards} devices of the "
                      f"mesh (data {data} x fsdp {fsdp}): use a multiple of {shards}.")
@@ -117,7 +136,7 @@ def plan_memory(config: ml_collections.ConfigDict, model_config: decoder.Decoder
   def estimate(chunk, micro_batch):
     return with_sampler(memory_plan.estimate(
         model_config, workload, sample_chunk=(chunk, num_samples), micro_batch=micro_batch, mesh=mesh_shape,
-        device_bytes=device_bytes, reserve_bytes=reserve), chunk, num_samples, r.max_new_tokens)
+        device_bytes=device_bytes, reserve_bytes=reserve, **options), chunk, num_samples, r.max_new_tokens)
 
   def held(plan):  # Held through the whole step.
     return plan.state + plan.rollouts + plan.reserve
@@ -130,7 +149,7 @@ def plan_memory(config: ml_collections.ConfigDict, model_config: decoder.Decoder
     plan = estimate(chunk, micro_batch)
     return held(plan) + plan.update_peak <= device_bytes
 
-  all_micro = _by_size((p, n) for p in prompt_options for n in _divisors(num_samples))
+  all_micro = _by_size((p, n) for p in micro_prompt_options for n in _divisors(num_samples))
   chunks = [r.prompt_chunk] if r.prompt_chunk else prompt_options[::-1]  # largest first
   micro_options = [(p, n) for p, n in all_micro
                    if p == (config.rl.micro_batch_prompts or p) and n == (config.rl.micro_batch_rollouts or n)]
@@ -204,13 +223,13 @@ def device_memory_budget(config: ml_collections.ConfigDict) -> int | None:
 
 
 def check_memory(config: ml_collections.ConfigDict, model_config: decoder.DecoderConfig,
-                 mesh_shape: tuple[int, int], prompt_len: int) -> MemoryChoice:
+                 mesh_shape: tuple[int, int], prompt_len: int, reference: bool | None = None) -> MemoryChoice:
   """`plan_memory` with the device's budget, before anything is compiled: prints the plan when there is a
   budget (nothing on a CPU), refuses a config over it (ValueError) unless config.memory.enforce is False
   (then prints why), and returns the sizes to use."""
   budget = device_memory_budget(config)
   choice = plan_memory(config, model_config, prompt_len=prompt_len, mesh_shape=mesh_shape, device_bytes=budget,
-                       enforce=config.memory.enforce)
+                       enforce=config.memory.enforce, reference=reference)
   if budget is not None and sharding.is_chief():
     print(f"memory plan: {choice.describe()}", flush=True)
     if choice.over_budget:
@@ -234,16 +253,18 @@ class Sizes:
 
 
 def check_whole_batch(config: ml_collections.ConfigDict, model_config: decoder.DecoderConfig, mesh_shape,
-                      prompt_len: int, members_per_group: int = 1) -> None:
+                      prompt_len: int, members_per_group: int = 1, reference: bool | None = None) -> None:
   """Prints the RL step's memory plan per device on accelerators and refuses, before compiling, a config over
   the device's budget (one sampling call and one update on the whole batch; `members_per_group` copies)."""
   stats = jax.devices()[0].memory_stats() or {}
   limit = stats.get("bytes_limit")
   if not limit:
     return
+  micro_prompts = config.rollout.num_prompts // int(config.rl.get("ppo_mini_batches", 1))
   plan = memory_plan.estimate(
       model_config, memory_plan.Workload(config.rollout.num_prompts, config.rollout.num_samples, prompt_len,
-                                         config.rollout.max_new_tokens), mesh=mesh_shape)
+                                         config.rollout.max_new_tokens), mesh=mesh_shape,
+      micro_batch=(micro_prompts, config.rollout.num_samples), **step_options(config, reference))
   need = plan.total * members_per_group + memory_plan.GiB
   if sharding.is_chief():
     group = f"{members_per_group} members per device group x " if members_per_group > 1 else ""
@@ -260,15 +281,16 @@ def check_whole_batch(config: ml_collections.ConfigDict, model_config: decoder.D
 
 
 def plan(config: ml_collections.ConfigDict, task, model_config: decoder.DecoderConfig, mesh,
-         members_per_group: int = 1) -> Sizes:
-  """The sizes of a run of `task` on `mesh` (see the module docstring)."""
+         members_per_group: int = 1, reference: bool | None = None) -> Sizes:
+  """The sizes of a run of `task` on `mesh` (see the module docstring); `reference`: whether some run of the
+  program has a KL penalty (default: config.rl.kl_coef != 0)."""
   mesh_shape = (mesh.shape.get("data", 1), mesh.shape.get("fsdp", 1))
   if not task.host_verifier:
-    check_whole_batch(config, model_config, mesh_shape, task.prompt_length(), members_per_group)
+    check_whole_batch(config, model_config, mesh_shape, task.prompt_length(), members_per_group, reference)
     return Sizes(config.rollout.num_prompts, (config.rl.get("micro_batch_prompts") or None,
                                               config.rl.get("micro_batch_rollouts") or None))
   if members_per_group > 1 and config.memory.device_bytes:
     config = ml_collections.ConfigDict(config.to_dict())
     config.memory.device_bytes = int(config.memory.device_bytes) // members_per_group
-  choice = check_memory(config, model_config, mesh_shape, task.prompt_length())
+  choice = check_memory(config, model_config, mesh_shape, task.prompt_length(), reference)
   return Sizes(choice.prompt_chunk, choice.micro_batch)
