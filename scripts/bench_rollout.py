@@ -62,7 +62,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxrl_jax import estimators
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a clone too.
+
+from maxrl_jax import estimators  # noqa: E402
 from maxrl_jax import memory_plan
 from maxrl_jax import sampling
 from maxrl_jax.rl import step as step_lib

@@ -25,6 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a clone too.
+
 from maxrl_jax import estimators as est  # noqa: E402
 
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 16, "Group size N at which estimators are audited.")

@@ -16,11 +16,14 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 
 from absl import app, flags
 import numpy as np
 
-from maxrl_jax import run_logging
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a clone too.
+
+from maxrl_jax import run_logging  # noqa: E402
 
 _ROOT = flags.DEFINE_string("root", "workdirs/reproduce_cpu", "Root workdir of scripts/reproduce.sh.")
 _PRESET = flags.DEFINE_string("preset", "cpu", "Preset the root was produced with.")
