@@ -20,6 +20,7 @@ TIMING = ("step_time_s", "tokens_per_s")
 def tiny(**overrides):
   config = countdown_config.get_config("tiny")
   config.logging.tensorboard = False
+  config.logging.plots = False
   config_fields.set_fields(config, overrides)
   return config
 

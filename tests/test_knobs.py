@@ -349,6 +349,7 @@ def test_lora_update_trains_the_adapters_only(tiny_model, batch):
 def _maze(**overrides):
   config = maze_config.get_config("tiny")
   config.logging.tensorboard = False
+  config.logging.plots = False
   config_fields.set_fields(config, overrides)
   return config
 
@@ -471,6 +472,7 @@ def test_a_population_whose_members_differ_in_the_kl_coefficient(tmp_path):
 def _text(**overrides):
   config = gsm8k_smollm2.get_config("tiny")
   config.logging.tensorboard = False
+  config.logging.plots = False
   config_fields.set_fields(config, overrides)
   return config
 
@@ -550,6 +552,7 @@ def test_tiny_countdown_with_every_knob(tmp_path):
   from configs import countdown  # pylint: disable=import-outside-toplevel
   config = countdown.get_config("tiny")
   config.logging.tensorboard = False
+  config.logging.plots = False
   config_fields.set_fields(config, {k: v for k, v in KNOBS.items() if k.startswith(("rl.ppo", "rl.imp", "rl.clip",
                                                                                     "rl.tis", "rl.kl", "model."))})
   summary = train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -426,6 +426,7 @@ def test_population_of_smoothing_and_self_on_the_language_model_resumes_exactly(
 
   config = gsm8k_smollm2.get_config("tiny")
   config.logging.tensorboard = False
+  config.logging.plots = False
   config.population.objectives = LM_OBJECTIVES
   config.population.seeds = (0, 1)
   workdir = tmp_path / "population"
