@@ -40,7 +40,8 @@ EXTRAS = {
     "text": TRAIN + ["jinja2", "sympy", "pyarrow", "huggingface_hub"],
     # Optional Weights & Biases logging (--config.logging.wandb=True).
     "wandb": ["wandb"],
-    "test": TRAIN + ["pytest>=7", "scipy", "jinja2", "sympy"],
+    # pytest-xdist: the README's test command runs the suite in 2 processes (`-n 2 --dist loadfile`).
+    "test": TRAIN + ["pytest>=7", "pytest-xdist>=3", "scipy", "jinja2", "sympy"],
 }
 EXTRAS["all"] = sorted(set(sum(EXTRAS.values(), [])))
 
